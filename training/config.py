@@ -1,0 +1,194 @@
+"""Typed training configuration: one YAML file plus `--set section.key=value` overrides.
+
+Each component owns a section (data, model, optim, eval); `TrainConfig` only composes them. Unknown keys and
+values of the wrong type are errors, so a misspelled setting never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the typed schema; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # log file; empty means "generate the synthetic log" (see `synthetic`)
+    format: str = "auto"  # auto | events | s3rec | sasrec
+    attributes: str = ""  # optional item side information, JSON {raw_item_id: [attribute, ...]}
+    kcore: int = 0  # iterative k-core filter on users and items; 0 = off (the Amazon files are already 5-core)
+    max_events_per_user: int = 0  # keep only each user's most recent events; 0 = keep all
+    synthetic_users: int = 2000  # used only when path is empty
+    synthetic_items: int = 500
+    synthetic_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "gpt2"  # gpt2 | llama (causal, SASRec-like) | bert (bidirectional, BERT4Rec-like)
+    max_len: int = 50  # most recent events the encoder sees
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 1
+    intermediate_size: int = 256
+    dropout: float = 0.5  # hidden and embedding dropout
+    attention_dropout: float = 0.5
+    use_behaviors: bool = True  # add a behaviour-type embedding when the data has types
+    use_attributes: bool = True  # add pooled attribute embeddings when side information is given
+    mask_probability: float = 0.2  # bert only: share of positions masked in training
+
+
+@dataclass
+class OptimConfig:
+    loss: str = "ce"  # ce (full softmax) | sampled (sampled softmax + logQ) | bce (one sampled negative)
+    num_negatives: int = 256  # sampled softmax only: shared negatives per batch
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    max_epochs: int = 200
+    patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
+    grad_clip: float = 1.0
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = True  # bf16 autocast on CUDA only
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    batch_size: int = 1024
+    valid_users: int = 0  # validate on a fixed random subset of users for speed; 0 = all
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, annotation, key: str):
+    """Check `value` against a dataclass field type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation in (str, float) and not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in raw.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, annotation, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """`model.hidden_size=128` → {"model": {"hidden_size": 128}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    dotted, raw_value = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. model.hidden_size=128")
+    value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    return {parts[0]: {parts[1]: value}}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Read the default config, then `path` on top of it, then each override; validate the result."""
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text()) or {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = _merge(raw, yaml.safe_load(text) or {})
+    for override in overrides:
+        raw = _merge(raw, parse_override(override))
+    config = _build(TrainConfig, raw, "")
+    validate_config(config)
+    return config
+
+
+def config_from_dict(raw: dict) -> TrainConfig:
+    config = _build(TrainConfig, raw, "")
+    validate_config(config)
+    return config
+
+
+def validate_config(config: TrainConfig) -> None:
+    choices = {
+        "data.format": (config.data.format, ("auto", "events", "s3rec", "sasrec")),
+        "model.backbone": (config.model.backbone, ("gpt2", "llama", "bert")),
+        "optim.loss": (config.optim.loss, ("ce", "sampled", "bce")),
+        "optim.device": (config.optim.device, ("auto", "cpu", "cuda")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "model.max_len": config.model.max_len,
+        "model.hidden_size": config.model.hidden_size,
+        "model.num_layers": config.model.num_layers,
+        "model.num_heads": config.model.num_heads,
+        "optim.batch_size": config.optim.batch_size,
+        "optim.max_epochs": config.optim.max_epochs,
+        "optim.num_negatives": config.optim.num_negatives,
+        "eval.batch_size": config.eval.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if config.model.hidden_size % config.model.num_heads:
+        raise ConfigError("model.hidden_size must be divisible by model.num_heads")
+    for key, value in (("model.dropout", config.model.dropout), ("model.attention_dropout", config.model.attention_dropout),
+                       ("model.mask_probability", config.model.mask_probability)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+    if config.data.kcore < 0:
+        raise ConfigError(f"data.kcore: must be >= 0, got {config.data.kcore}")
+    if not config.eval.ks or any(k <= 0 for k in config.eval.ks):
+        raise ConfigError(f"eval.ks: must be positive integers, got {config.eval.ks}")
