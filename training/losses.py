@@ -1,0 +1,50 @@
+"""Training objectives over user vectors and item vectors: pure functions, no model state.
+
+- full softmax cross-entropy over the whole catalogue: the strongest objective when the catalogue fits
+  (Klenitskiy & Vasilev, RecSys'23: SASRec+ beats BERT4Rec once trained with it);
+- sampled softmax with logQ correction (Yi et al., RecSys'19): negatives drawn from item popularity, each logit
+  corrected by -log(expected count), for catalogues where full softmax does not fit;
+- binary cross-entropy with one sampled negative per position: the original SASRec objective, kept as a baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def full_softmax_loss(user_vectors: torch.Tensor, item_vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """user_vectors (N, D), item_vectors (I+1, D) with row 0 = PAD, targets (N,) in 1..I → mean CE."""
+    logits = user_vectors @ item_vectors.T  # (N, I+1)
+    logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits.float(), targets)
+
+
+def sampled_softmax_loss(
+    user_vectors: torch.Tensor,
+    positive_vectors: torch.Tensor,
+    negative_vectors: torch.Tensor,
+    positive_log_q: torch.Tensor,
+    negative_log_q: torch.Tensor,
+    accidental_hits: torch.Tensor,
+) -> torch.Tensor:
+    """Sampled softmax with shared negatives and logQ correction.
+
+    user_vectors (N, D); positive_vectors (N, D); negative_vectors (M, D) shared by every row;
+    *_log_q: log of each item's expected count in the sample (positives (N,), negatives (M,));
+    accidental_hits (N, M) bool: a negative equal to the row's positive, removed from the denominator.
+    """
+    positive_logits = (user_vectors * positive_vectors).sum(-1, keepdim=True) - positive_log_q.unsqueeze(1)
+    negative_logits = user_vectors @ negative_vectors.T - negative_log_q.unsqueeze(0)  # (N, M)
+    negative_logits = negative_logits.masked_fill(accidental_hits, float("-inf"))
+    logits = torch.cat([positive_logits, negative_logits], dim=1).float()
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def bce_loss(user_vectors: torch.Tensor, positive_vectors: torch.Tensor, negative_vectors: torch.Tensor) -> torch.Tensor:
+    """SASRec's objective: -log σ(u·p) - log(1 - σ(u·n)), one negative n per positive p; all (N, D)."""
+    positive_logits = (user_vectors * positive_vectors).sum(-1).float()
+    negative_logits = (user_vectors * negative_vectors).sum(-1).float()
+    return F.binary_cross_entropy_with_logits(
+        positive_logits, torch.ones_like(positive_logits)
+    ) + F.binary_cross_entropy_with_logits(negative_logits, torch.zeros_like(negative_logits))
