@@ -1,0 +1,1 @@
+"""protoc output for protos/, committed. Never edit; regenerate: `python -m serving.protogen`."""
