@@ -1,0 +1,93 @@
+"""Diversity re-ranking (maximal marginal relevance) and per-item explanations: pure numpy.
+
+MMR (Carbonell & Goldstein, SIGIR 1998) picks greedily
+    argmax_i  (1 - lambda) * rel_i  -  lambda * max_{j selected} cos(v_i, v_j).
+Relevance is an unbounded inner product while cosine lies in [-1, 1], so relevance is min-max normalised over
+the candidates to [0, 1] first; lambda then means the same trade-off for every user. Ties go to the higher raw
+relevance, then the lower candidate position, so lambda = 0 is exactly a stable top-k by relevance.
+The Ray deployment around `mmr` comes later, below the pure functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Verb for "because you <verb> <item>"; behaviour names not listed (and "") read as "interacted with".
+BEHAVIOR_VERBS = {"pv": "viewed", "cart": "added to cart", "fav": "saved", "buy": "bought"}
+DEFAULT_VERB = "interacted with"
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class MMRSelection:
+    """Picked candidates in order: positions into the candidate arrays and their MMR scores at pick time."""
+
+    indices: np.ndarray  # (k,) int64, positions into the candidate arrays, best first
+    scores: np.ndarray  # (k,) float64
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm; all-zero rows stay zero (cosine 0 with everything)."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, _EPS)
+
+
+def normalise_relevance(relevance: np.ndarray) -> np.ndarray:
+    """Min-max over the candidates to [0, 1]; all-equal relevance maps to zeros. Order-preserving."""
+    relevance = np.asarray(relevance, dtype=np.float64)
+    spread = relevance.max() - relevance.min()
+    if spread <= 0:
+        return np.zeros_like(relevance)
+    return (relevance - relevance.min()) / spread
+
+
+def mmr(relevance: np.ndarray, item_vectors: np.ndarray, k: int, diversity: float) -> MMRSelection:
+    """Greedy MMR over C candidates: relevance (C,), item_vectors (C, D) -> k picks. O(k * C * D)."""
+    relevance = np.asarray(relevance, dtype=np.float64)
+    num_candidates = relevance.shape[0]
+    if relevance.ndim != 1 or item_vectors.ndim != 2 or item_vectors.shape[0] != num_candidates:
+        raise ValueError(
+            f"relevance must be (C,) and item_vectors (C, D); got {relevance.shape} and {item_vectors.shape}"
+        )
+    if not np.all(np.isfinite(relevance)):
+        raise ValueError("relevance: must be finite")
+    if not 1 <= k <= num_candidates:
+        raise ValueError(f"k: must be in [1, {num_candidates}] (the number of candidates), got {k}")
+    if not 0.0 <= diversity <= 1.0:
+        raise ValueError(f"diversity: must be in [0, 1], got {diversity}")
+
+    weighted_relevance = (1.0 - diversity) * normalise_relevance(relevance)  # (C,)
+    unit = unit_rows(item_vectors)  # (C, D)
+    max_similarity = np.zeros(num_candidates)  # to the selected set; an empty set penalises nothing
+    available = np.ones(num_candidates, dtype=bool)
+    indices = np.empty(k, dtype=np.int64)
+    scores = np.empty(k, dtype=np.float64)
+    for step in range(k):
+        score = np.where(available, weighted_relevance - diversity * max_similarity, -np.inf)  # (C,)
+        best = score.max()
+        # Tie-break by raw relevance, then position (argmax returns the first maximum).
+        pick = int(np.argmax(np.where(score == best, relevance, -np.inf)))
+        indices[step], scores[step] = pick, best
+        available[pick] = False
+        np.maximum(max_similarity, unit @ unit[pick], out=max_similarity)
+    return MMRSelection(indices=indices, scores=scores)
+
+
+def supporting_history(item_vectors: np.ndarray, history_vectors: np.ndarray) -> np.ndarray:
+    """For each of k items (k, D), the position in the history (H, D) of its most similar event by cosine.
+
+    Ties go to the most recent event (history is oldest first). Returns (k,) int64.
+    """
+    if history_vectors.shape[0] == 0:
+        raise ValueError("history_vectors: must hold at least one event")
+    similarity = unit_rows(item_vectors) @ unit_rows(history_vectors).T  # (k, H)
+    last = history_vectors.shape[0] - 1
+    return last - np.argmax(similarity[:, ::-1], axis=1)
+
+
+def explanation(behavior: str, raw_item_id: str) -> str:
+    """Short reason shown with a ranked item, e.g. "because you viewed sku-00042"."""
+    return f"because you {BEHAVIOR_VERBS.get(behavior, DEFAULT_VERB)} {raw_item_id}"

@@ -1,0 +1,100 @@
+"""MMR: lambda = 0 is exact top-k, a hand-computed case, diversity rises with lambda; explanations."""
+
+import numpy as np
+import pytest
+
+from serving.rerank import explanation, mmr, normalise_relevance, supporting_history, unit_rows
+
+
+def intra_list_diversity(vectors):
+    """Mean pairwise cosine distance of a list (the ILD of the offline metrics)."""
+    unit = unit_rows(vectors)
+    similarity = unit @ unit.T
+    n = len(vectors)
+    return float((1.0 - similarity)[~np.eye(n, dtype=bool)].mean())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_zero_diversity_is_exactly_top_k_by_relevance_with_ties_by_position(seed):
+    rng = np.random.default_rng(seed)
+    relevance = rng.integers(0, 8, size=200).astype(np.float32)  # many ties
+    item_vectors = rng.normal(size=(200, 16)).astype(np.float32)
+    selection = mmr(relevance, item_vectors, k=30, diversity=0.0)
+    np.testing.assert_array_equal(selection.indices, np.argsort(-relevance, kind="stable")[:30])
+    np.testing.assert_allclose(selection.scores, normalise_relevance(relevance)[selection.indices])
+
+
+def test_zero_diversity_distinguishes_relevances_that_normalise_to_the_same_value():
+    low = 0.63696169
+    relevance = np.array([low, np.nextafter(low, 1.0), -7.30213286, 41.93255041])
+    assert normalise_relevance(relevance)[0] == normalise_relevance(relevance)[1]  # min-max rounding collapses them
+    selection = mmr(relevance, np.eye(4), k=4, diversity=0.0)
+    np.testing.assert_array_equal(selection.indices, [3, 1, 0, 2])
+
+
+def test_hand_computed_case():
+    # Candidates 0 and 1 are the same direction, 2 is orthogonal. Normalised relevance: [1.0, 0.8, 0.0].
+    relevance = np.array([1.0, 0.9, 0.5])
+    item_vectors = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    # lambda = 0.5: pick 0 (0.5*1.0); then 1 scores 0.5*0.8 - 0.5*1 = -0.1 and 2 scores 0 - 0.5*0 = 0 -> pick 2;
+    # then 1 scores 0.4 - 0.5*max(1, 0) = -0.1.
+    selection = mmr(relevance, item_vectors, k=3, diversity=0.5)
+    np.testing.assert_array_equal(selection.indices, [0, 2, 1])
+    np.testing.assert_allclose(selection.scores, [0.5, 0.0, -0.1])
+    relevance_only = mmr(relevance, item_vectors, k=3, diversity=0.0)
+    np.testing.assert_array_equal(relevance_only.indices, [0, 1, 2])
+    np.testing.assert_allclose(relevance_only.scores, [1.0, 0.8, 0.0])
+
+
+def test_raising_diversity_raises_intra_list_diversity():
+    # 4 clusters; the most relevant 12 candidates all sit in cluster 0, so pure relevance returns one cluster.
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 8) * 5.0
+    cluster = np.repeat(np.arange(4), 15)
+    item_vectors = centres[cluster] + rng.normal(scale=0.3, size=(60, 8))
+    relevance = np.where(cluster == 0, 10.0, 6.0) + rng.uniform(0, 1, size=60)
+    ild = []
+    clusters_covered = []
+    for diversity in (0.0, 0.3, 0.6, 0.9):
+        picked = mmr(relevance, item_vectors, k=8, diversity=diversity).indices
+        ild.append(intra_list_diversity(item_vectors[picked]))
+        clusters_covered.append(len(set(cluster[picked])))
+    assert clusters_covered[0] == 1 and clusters_covered[-1] == 4
+    assert ild == sorted(ild) and ild[-1] > ild[0] + 0.3
+
+
+def test_full_diversity_still_starts_with_the_most_relevant_item():
+    relevance = np.array([0.1, 0.7, 0.3])
+    assert mmr(relevance, np.eye(3), k=1, diversity=1.0).indices[0] == 1
+
+
+def test_picks_are_distinct_and_k_long_even_with_identical_vectors():
+    selection = mmr(np.ones(6), np.ones((6, 4)), k=6, diversity=0.7)
+    assert sorted(selection.indices.tolist()) == list(range(6))
+
+
+@pytest.mark.parametrize(
+    "relevance, vectors, k, diversity, message",
+    [
+        (np.ones(3), np.ones((3, 2)), 4, 0.5, r"k: must be in \[1, 3\]"),
+        (np.ones(3), np.ones((3, 2)), 0, 0.5, r"k: must be in \[1, 3\]"),
+        (np.ones(3), np.ones((3, 2)), 2, 1.5, r"diversity: must be in \[0, 1\]"),
+        (np.ones(3), np.ones((2, 2)), 1, 0.5, r"relevance must be \(C,\) and item_vectors \(C, D\)"),
+        (np.array([1.0, np.nan]), np.ones((2, 2)), 1, 0.5, "relevance: must be finite"),
+    ],
+)
+def test_contract_violations_raise(relevance, vectors, k, diversity, message):
+    with pytest.raises(ValueError, match=message):
+        mmr(relevance, vectors, k, diversity)
+
+
+def test_supporting_history_picks_the_most_similar_event_and_prefers_recent_on_ties():
+    history = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # oldest first; events 0 and 2 point the same way
+    items = np.array([[5.0, 0.1], [0.2, 3.0]])
+    np.testing.assert_array_equal(supporting_history(items, history), [2, 1])
+
+
+def test_explanation_uses_the_behaviour_verb():
+    assert explanation("pv", "sku-00042") == "because you viewed sku-00042"
+    assert explanation("buy", "sku-1") == "because you bought sku-1"
+    assert explanation("", "sku-1") == "because you interacted with sku-1"

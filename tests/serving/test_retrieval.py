@@ -1,0 +1,61 @@
+"""Exclusion filtering and over-fetch: exclusions never cost the caller items, order is kept."""
+
+import numpy as np
+import pytest
+
+from serving.retrieval import fetch_size, filter_candidates, ip_scores
+
+
+def test_filter_keeps_order_and_drops_excluded():
+    labels = np.array([7, 3, 9, 1, 4])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    candidates = filter_candidates(labels, scores, {3, 1, 42}, k=2)
+    np.testing.assert_array_equal(candidates.item_indices, [7, 9])
+    np.testing.assert_array_equal(candidates.scores, [0.9, 0.7])
+
+
+def test_excluded_as_set_or_array_give_the_same_result():
+    labels = np.arange(1, 21)[::-1]
+    scores = np.linspace(1, 0, 20)
+    from_set = filter_candidates(labels, scores, {20, 5, 17}, k=10)
+    from_array = filter_candidates(labels, scores, np.array([20, 5, 17], dtype=np.int32), k=10)
+    np.testing.assert_array_equal(from_set.item_indices, from_array.item_indices)
+    np.testing.assert_array_equal(filter_candidates(labels, scores, set(), k=3).item_indices, [20, 19, 18])
+
+
+def test_fewer_than_k_only_when_the_input_runs_out():
+    candidates = filter_candidates(np.array([1, 2, 3]), np.array([3.0, 2.0, 1.0]), {2}, k=5)
+    np.testing.assert_array_equal(candidates.item_indices, [1, 3])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fetch_size_always_leaves_k_after_exclusions(seed):
+    rng = np.random.default_rng(seed)
+    num_items = int(rng.integers(20, 300))
+    k = int(rng.integers(1, 20))
+    num_excluded = int(rng.integers(0, num_items - k))
+    excluded = set(rng.choice(np.arange(1, num_items + 1), size=num_excluded, replace=False).tolist())
+    fetched = fetch_size(k, len(excluded), num_items)
+    # Worst case for an approximate index: it returns the excluded items first.
+    worst_first = np.array(sorted(excluded) + [i for i in range(1, num_items + 1) if i not in excluded])[:fetched]
+    candidates = filter_candidates(worst_first, np.zeros(fetched), excluded, k)
+    assert len(candidates.item_indices) == k
+
+
+def test_fetch_size_is_capped_by_the_catalogue():
+    assert fetch_size(10, 5, 1_000) == 15
+    assert fetch_size(10, 5, 12) == 12
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [((0, 0, 10), "k: must be >= 1, got 0"), ((1, -1, 10), "num_excluded: must be >= 0"),
+     ((1, 0, 0), "num_items: must be >= 1")],
+)
+def test_fetch_size_rejects_impossible_inputs(args, message):
+    with pytest.raises(ValueError, match=message):
+        fetch_size(*args)
+
+
+def test_ip_scores_undo_hnswlib_distance():
+    np.testing.assert_allclose(ip_scores(np.array([0.0, 1.0, 1.5], dtype=np.float32)), [1.0, 0.0, -0.5])
