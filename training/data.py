@@ -1,0 +1,447 @@
+"""Where data enters: a raw interaction log → `Interactions` → `SequenceData`, the one layout everything consumes.
+
+Three input formats (plain or gzip-compressed text; `detect_format` tells them apart):
+  events  CSV or Parquet, one event per row: user_id, item_id, timestamp[, event_type]. A CSV header may use
+          the aliases in COLUMN_ALIASES; a headerless CSV is read by its column count: 3 = user,item,timestamp;
+          4 = user,item,timestamp,event_type; 5 = Taobao UserBehavior (user,item,category,behavior,timestamp).
+  s3rec   one line per user, `user item item ...`, oldest first (S3-Rec's Beauty.txt).
+  sasrec  one `user item` pair per line, in time order (SASRec's ml-1m.txt).
+
+Rules for imperfect input (anything else unusable is a DataError naming the file and the 1-based line):
+  - Raw user and item ids are kept as strings ("123" stays "123"); surrounding whitespace is stripped.
+  - Timestamps: integer seconds (fractions are truncated) or ISO 8601 datetimes (naive ones are read as UTC);
+    the first row decides which. Formats without time use the position in the file, so file order is time order.
+  - Unsorted timestamps are not an error: each user's events are sorted stably, so ties keep file order.
+  - Blank lines are skipped. Exact duplicate events (same user, item, timestamp and behaviour) are dropped;
+    in s3rec/sasrec files the position is the time, so a repeated item there is a real repeat and is kept.
+  - Users left with fewer than MIN_EVENTS_PER_USER events are dropped and counted in the log, because
+    leave-one-out needs a train, a valid and a test event per user; k-core filtering (off by default) counts
+    events, not distinct items.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from training.artifact import PAD_INDEX
+from training.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("events", "s3rec", "sasrec")
+MIN_EVENTS_PER_USER = 3  # leave-one-out: at least one train event, one valid target, one test target
+DETECT_LINES = 1000  # lines `detect_format` reads; enough to see a multi-item s3rec line in any real file
+SPLIT_CUT = {"train": 2, "valid": 2, "test": 1}  # leave-one-out: events cut from the end of each user's sequence
+PREPROCESSING_VERSION = 1  # part of the fingerprint; bump when build_sequences changes its output
+COLUMN_ALIASES = {
+    "user_id": ("user_id", "user", "userid", "uid", "visitor_id", "visitorid"),
+    "item_id": ("item_id", "item", "itemid", "iid", "sku", "product_id"),
+    "timestamp": ("timestamp", "ts", "time", "datetime", "event_time"),
+    "event_type": ("event_type", "behavior", "behavior_type", "behaviour", "behaviour_type", "event", "action"),
+}
+HEADERLESS_COLUMNS = {
+    3: ("user_id", "item_id", "timestamp"),
+    4: ("user_id", "item_id", "timestamp", "event_type"),
+    5: ("user_id", "item_id", "category_id", "event_type", "timestamp"),  # Taobao UserBehavior.csv
+}
+BEHAVIOR_ORDER = ("pv", "cart", "fav", "buy")  # known names come first in funnel order, others sorted after
+GZIP_MAGIC = b"\x1f\x8b"
+PARQUET_MAGIC = b"PAR1"
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file and, when known, the 1-based line (or Parquet row)."""
+
+    def __init__(self, source, reason: str, line: int | None = None, unit: str = "line"):
+        self.source, self.reason, self.line, self.unit = str(source), reason, line, unit
+        where = self.source if line is None else f"{self.source}, {unit} {line}"
+        super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):  # keep the exception picklable (multiprocessing, Ray) despite the custom signature
+        return (DataError, (self.source, self.reason, self.line, self.unit))
+
+
+@dataclass(frozen=True, eq=False)
+class Interactions:
+    """One row per parsed event, before preprocessing; ids and behaviour names are str (object arrays)."""
+
+    user_ids: np.ndarray  # (N,) raw user ids
+    item_ids: np.ndarray  # (N,) raw item ids
+    timestamps: np.ndarray  # (N,) int64 seconds, or the position in the file for formats without time
+    behaviors: np.ndarray | None  # (N,) behaviour names, None when the format has none
+    source: str  # file path (or a description of a generated log), for messages and the fingerprint
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceData:
+    """Per-user event sequences in CSR layout: user u's events are items[offsets[u]:offsets[u+1]], oldest first."""
+
+    user_ids: np.ndarray  # (U,) raw user id of internal user u
+    item_ids: np.ndarray  # (I+1,) raw item id of each item index; item_ids[PAD_INDEX] = ""
+    offsets: np.ndarray  # (U+1,) int64
+    items: np.ndarray  # (E,) int32 item indices 1..I
+    behaviors: np.ndarray | None  # (E,) int8 behaviour indices 1..B, 0 never occurs
+    behavior_names: tuple[str, ...]  # index b is behavior_names[b-1]
+    item_attributes: np.ndarray | None  # (I+1, A_max) int32 attribute indices, 0 = pad
+    num_attributes: int  # A
+    fingerprint: str  # sha256 of the source bytes + preprocessing settings
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    @property
+    def num_behaviors(self) -> int:
+        return len(self.behavior_names)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+
+def _read_bytes_head(path: Path, size: int = 4) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except OSError as exc:
+        raise DataError(path, f"cannot open: {exc.strerror or exc}") from None
+
+
+def _open_text(path: Path):
+    """Text handle on `path`, decompressing gzip by its magic bytes rather than trusting the suffix."""
+    if _read_bytes_head(path, 2) == GZIP_MAGIC:
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def _read_lines(path: Path, limit: int | None = None) -> list[str]:
+    try:
+        with _open_text(path) as handle:
+            if limit is None:
+                return handle.read().split("\n")
+            return [line for _, line in zip(range(limit), handle)]
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError
+        raise DataError(path, f"cannot read: {exc}") from None
+
+
+def detect_format(path) -> str:
+    """"events" (Parquet, or text whose first line has a comma), "s3rec" (a line with 3+ tokens) or "sasrec"."""
+    path = Path(path)
+    if _read_bytes_head(path) == PARQUET_MAGIC:
+        return "events"
+    numbered = [(n, line.strip()) for n, line in enumerate(_read_lines(path, DETECT_LINES), 1) if line.strip()]
+    if not numbered:
+        raise DataError(path, "empty file: no events")
+    if "," in numbered[0][1]:
+        return "events"
+    for line_number, line in numbered:
+        if len(line.split()) < 2:
+            raise DataError(path, f"unknown format: {line[:60]!r} is neither CSV nor `user item ...`", line_number)
+    if any(len(line.split()) > 2 for _, line in numbered):
+        return "s3rec"
+    return "sasrec"  # every line is `user item`; as s3rec each user would have a single event
+
+
+def _load_text(path: Path, fmt: str) -> Interactions:
+    """s3rec (`user item item ...`) or sasrec (`user item`) lines; the position in the file is the timestamp."""
+    users, counts, items = [], [], []
+    for line_number, line in enumerate(_read_lines(path), 1):
+        tokens = line.split()
+        if tokens and (len(tokens) < 2 or (fmt == "sasrec" and len(tokens) > 2)):
+            expected = "`user item`" if fmt == "sasrec" else "`user item item ...`"
+            raise DataError(path, f"expected {expected}, got {len(tokens)} field(s)", line_number)
+        if tokens:
+            users.append(tokens[0])
+            counts.append(len(tokens) - 1)
+            items.extend(tokens[1:])
+    if not items:
+        raise DataError(path, "empty file: no events")
+    user_ids = np.repeat(np.array(users, dtype=object), counts)
+    return Interactions(user_ids, np.array(items, dtype=object), np.arange(len(items), dtype=np.int64), None, str(path))
+
+
+def _resolve_columns(names: list[str], path: Path, unit: str) -> dict[str, str]:
+    """Canonical column → the file's column name; DataError naming the missing one."""
+    lowered = {str(name).strip().lower(): name for name in names}
+    resolved = {}
+    for canonical, aliases in COLUMN_ALIASES.items():
+        found = [lowered[alias] for alias in aliases if alias in lowered]
+        if found:
+            resolved[canonical] = found[0]
+        elif canonical != "event_type":
+            raise DataError(path, f"missing column {canonical} (accepted names: {', '.join(aliases)}); "
+                                  f"columns are {', '.join(map(str, names))}", 1 if unit == "line" else None)
+    return resolved
+
+
+def _events_from_frame(frame: pd.DataFrame, columns: dict[str, str], path: Path, unit: str) -> Interactions:
+    """Canonical columns of a CSV (all text) or Parquet (typed) table → Interactions; row i is `unit` i+1."""
+    if frame.empty:
+        raise DataError(path, "no events")
+    frame = frame[list(columns.values())].set_axis(list(columns), axis=1)
+    line_numbers = frame.index.to_numpy() + 1
+
+    def reject(bad, reason: str, column: pd.Series) -> None:  # DataError at the first flagged row
+        bad = np.asarray(bad, dtype=bool)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(path, reason.format(value=repr(column.iloc[row])), int(line_numbers[row]), unit)
+
+    def strings(name: str) -> np.ndarray:  # ids and names; integral floats (Parquet with nulls) lose ".0"
+        column = frame[name]
+        if pd.api.types.is_float_dtype(column) and (column % 1 == 0).all():
+            column = column.astype(np.int64)
+        return column.astype(str).str.strip().to_numpy(dtype=object)
+
+    for name in columns:  # a short CSV row reads as empty strings, a Parquet gap as null
+        reject(frame[name].isna() | (frame[name].astype(str).str.strip() == ""), f"missing {name}", frame[name])
+    stamps = frame["timestamp"]
+    numeric = pd.to_numeric(stamps, errors="coerce") if not pd.api.types.is_datetime64_any_dtype(stamps) else None
+    if numeric is not None and (pd.api.types.is_numeric_dtype(stamps) or not pd.isna(numeric.iloc[0])):
+        reject(~np.isfinite(numeric.to_numpy(np.float64, na_value=np.nan)),
+               "non-numeric timestamp {value}: expected integer seconds, like the first row", stamps)
+        seconds = numeric.to_numpy(np.int64) if pd.api.types.is_integer_dtype(numeric) else \
+            np.floor(numeric.to_numpy(np.float64)).astype(np.int64)
+    else:  # datetimes, or strings that must all be ISO 8601
+        parsed = pd.to_datetime(stamps, errors="coerce", utc=True, format="ISO8601")
+        reject(parsed.isna(), "unparseable timestamp {value}: expected ISO 8601, like the first row", stamps)
+        seconds = parsed.dt.as_unit("s").astype(np.int64).to_numpy()
+    behaviors = strings("event_type") if "event_type" in columns else None
+    return Interactions(strings("user_id"), strings("item_id"), seconds, behaviors, str(path))
+
+
+def _load_events_csv(path: Path) -> Interactions:
+    compression = "gzip" if _read_bytes_head(path, 2) == GZIP_MAGIC else None
+    try:  # every field as text, blank lines kept as empty rows so that row i is line i+1
+        frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, skip_blank_lines=False,
+                            compression=compression, encoding="utf-8-sig")
+    except pd.errors.ParserError as exc:
+        found = re.search(r"line (\d+)", str(exc))
+        line = int(found.group(1)) if found else None
+        raise DataError(path, f"malformed CSV row ({str(exc).split(': ')[-1].strip()})", line) from None
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "empty file: no events") from None
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise DataError(path, f"cannot read as CSV: {exc}") from None
+    blank = (frame == "").all(axis=1)
+    header = {cell.strip().lower() for cell in frame.iloc[0]}
+    if header.intersection(COLUMN_ALIASES["user_id"]) and header.intersection(COLUMN_ALIASES["item_id"]):
+        frame = frame.set_axis(list(frame.iloc[0]), axis=1).iloc[1:]
+        columns = _resolve_columns(list(frame.columns), path, "line")
+        blank = blank.iloc[1:]
+    elif frame.shape[1] in HEADERLESS_COLUMNS:
+        names = HEADERLESS_COLUMNS[frame.shape[1]]
+        frame = frame.set_axis(list(names), axis=1)
+        columns = {name: name for name in names if name in COLUMN_ALIASES}
+    else:
+        raise DataError(path, f"headerless CSV with {frame.shape[1]} columns; expected 3 (user,item,timestamp), "
+                              "4 (+event_type) or 5 (Taobao), or a header naming user_id,item_id,timestamp", 1)
+    return _events_from_frame(frame[~blank.to_numpy()], columns, path, "line")
+
+
+def _load_events_parquet(path: Path) -> Interactions:
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+        raise DataError(path, f"cannot read as Parquet: {exc}") from None
+    columns = _resolve_columns(list(frame.columns), path, "row")
+    return _events_from_frame(frame.reset_index(drop=True), columns, path, "row")
+
+
+def load_interactions(path, fmt: str = "auto") -> Interactions:
+    """Parse `path` in format `fmt` ("auto" detects it) into raw, unfiltered events."""
+    path = Path(path)
+    if fmt not in ("auto", *FORMATS):
+        raise DataError(path, f"unknown format {fmt!r}; expected auto, {', '.join(FORMATS)}")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt in ("s3rec", "sasrec"):
+        return _load_text(path, fmt)
+    if _read_bytes_head(path) == PARQUET_MAGIC:
+        return _load_events_parquet(path)
+    return _load_events_csv(path)
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+
+
+def load_attributes(path, item_ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """JSON {raw_item_id: [attribute, ...]} → ((I+1, A_max) int32 attribute indices, A); 0 pads.
+
+    `item_ids` is SequenceData.item_ids (PAD at 0). Attribute values are re-indexed 1..A in order of first
+    appearance over the items; repeats within one item are dropped; items absent from the file get no attributes.
+    """
+    path = Path(path)
+    try:
+        with _open_text(path) as handle:
+            raw = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"invalid JSON: {exc.msg}", exc.lineno) from None
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise DataError(path, f"cannot read: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DataError(path, "expected a JSON object {raw_item_id: [attribute, ...]}")
+    attributes_of = {}
+    for raw_item_id, values in raw.items():
+        if not isinstance(values, list) or not all(isinstance(v, (str, int)) for v in values):
+            raise DataError(path, f"item {raw_item_id!r}: expected a list of strings or integers, got {values!r}")
+        attributes_of[str(raw_item_id).strip()] = list(dict.fromkeys(str(v) for v in values))
+    per_item = [attributes_of.get(str(raw_item_id), []) for raw_item_id in item_ids[PAD_INDEX + 1:]]
+    flat = [value for values in per_item for value in values]
+    codes, uniques = pd.factorize(pd.Series(flat, dtype=object)) if flat else (np.zeros(0, np.int64), [])
+    widths = np.array([len(values) for values in per_item], dtype=np.int64)
+    matrix = np.zeros((len(item_ids), max(int(widths.max(initial=0)), 1)), dtype=np.int32)
+    rows = np.repeat(np.arange(PAD_INDEX + 1, len(item_ids)), widths)
+    slots = np.arange(len(flat)) - np.repeat(np.cumsum(widths) - widths, widths)
+    matrix[rows, slots] = codes + 1
+    return matrix, len(uniques)
+
+
+def _ordered_behavior_names(names) -> tuple[str, ...]:
+    known = [name for name in BEHAVIOR_ORDER if name in names]
+    return tuple(known + sorted(set(names) - set(known)))
+
+
+def _count_filter(user_codes: np.ndarray, item_codes: np.ndarray, kcore: int) -> np.ndarray:
+    """Keep-mask after iteratively removing users under max(kcore, MIN_EVENTS_PER_USER) and items under kcore events."""
+    min_user_events = max(kcore, MIN_EVENTS_PER_USER)
+    keep = np.ones(len(user_codes), dtype=bool)
+    while True:
+        user_counts = np.bincount(user_codes[keep], minlength=user_codes.max(initial=0) + 1)
+        item_counts = np.bincount(item_codes[keep], minlength=item_codes.max(initial=0) + 1)
+        still = keep & (user_counts[user_codes] >= min_user_events) & (item_counts[item_codes] >= kcore)
+        if still.sum() == keep.sum():
+            return keep
+        keep = still
+
+
+def _fingerprint(interactions: Interactions, settings: dict) -> str:
+    digest = hashlib.sha256()
+    source = Path(interactions.source)
+    if source.is_file():
+        with open(source, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    else:  # generated in memory: hash the events themselves
+        for column in (interactions.user_ids, interactions.item_ids, interactions.behaviors):
+            if column is not None:
+                digest.update("\x1f".join(column).encode())
+        digest.update(interactions.timestamps.astype(np.int64).tobytes())
+    if settings["attributes"]:
+        digest.update(Path(settings["attributes"]).read_bytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def build_sequences(
+    interactions: Interactions, *, kcore: int = 0, max_events_per_user: int = 0, attributes_path: str = ""
+) -> SequenceData:
+    """Dedupe, sort each user's events stably by time, keep the newest `max_events_per_user` (0 = all),
+    k-core filter, drop users under MIN_EVENTS_PER_USER, then index users and items by first appearance."""
+    source = interactions.source
+    if kcore < 0 or max_events_per_user < 0:
+        raise ValueError(f"kcore and max_events_per_user must be >= 0, got {kcore} and {max_events_per_user}")
+    if len(interactions) == 0:
+        raise DataError(source, "no events")
+    user_codes, raw_users = pd.factorize(interactions.user_ids)  # codes follow first appearance in the file
+    item_codes, raw_items = pd.factorize(interactions.item_ids)
+    behavior_names: tuple[str, ...] = ()
+    behavior_codes = np.zeros(len(interactions), dtype=np.int64)
+    if interactions.behaviors is not None:
+        behavior_names = _ordered_behavior_names(set(interactions.behaviors))
+        if len(behavior_names) > np.iinfo(np.int8).max:
+            raise DataError(source, f"{len(behavior_names)} behaviour types; at most {np.iinfo(np.int8).max}")
+        behavior_codes = pd.Index(behavior_names).get_indexer(interactions.behaviors) + 1
+    timestamps = np.asarray(interactions.timestamps, dtype=np.int64)
+
+    events = pd.DataFrame({"u": user_codes, "i": item_codes, "t": timestamps, "b": behavior_codes})
+    kept = np.flatnonzero(~events.duplicated().to_numpy())
+    num_duplicates = len(interactions) - len(kept)
+    kept = kept[np.argsort(timestamps[kept], kind="stable")]  # two stable sorts = sort by (user, time), ties in
+    kept = kept[np.argsort(user_codes[kept], kind="stable")]  # file order
+    if max_events_per_user:
+        per_user = np.bincount(user_codes[kept])
+        position = np.arange(len(kept)) - (np.cumsum(per_user) - per_user)[user_codes[kept]]
+        kept = kept[position >= per_user[user_codes[kept]] - max_events_per_user]
+    kept = kept[_count_filter(user_codes[kept], item_codes[kept], kcore)]
+    if len(kept) == 0:
+        raise DataError(source, f"no user has at least {max(kcore, MIN_EVENTS_PER_USER)} events "
+                                f"after deduplication{' and k-core' if kcore else ''}")
+
+    user_index, user_order = pd.factorize(user_codes[kept])  # ascending codes, so first-appearance order
+    item_index, item_order = pd.factorize(item_codes[kept])  # first appearance in (user, time) order
+    offsets = np.zeros(len(user_order) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user_index, minlength=len(user_order)), out=offsets[1:])
+    item_ids = np.concatenate([np.array([""], dtype=object), np.asarray(raw_items, dtype=object)[item_order]])
+    num_dropped_users = len(raw_users) - len(user_order)
+    logger.info("%s: dropped %d duplicate events and %d users (fewer than %d events%s); %d users, %d items, "
+                "%d events remain", source, num_duplicates, num_dropped_users, max(kcore, MIN_EVENTS_PER_USER),
+                f", {kcore}-core" if kcore else "", len(user_order), len(item_order), len(kept))
+
+    item_attributes, num_attributes = None, 0
+    if attributes_path:
+        item_attributes, num_attributes = load_attributes(attributes_path, item_ids)
+    settings = {"kcore": kcore, "max_events_per_user": max_events_per_user, "attributes": attributes_path,
+                "min_events_per_user": MIN_EVENTS_PER_USER, "version": PREPROCESSING_VERSION}
+    return SequenceData(
+        user_ids=np.asarray(raw_users, dtype=object)[user_order],
+        item_ids=item_ids,
+        offsets=offsets,
+        items=(item_index + PAD_INDEX + 1).astype(np.int32),
+        behaviors=behavior_codes[kept].astype(np.int8) if behavior_names else None,
+        behavior_names=behavior_names,
+        item_attributes=item_attributes,
+        num_attributes=num_attributes,
+        fingerprint=_fingerprint(interactions, settings),
+    )
+
+
+def load_sequences(config: DataConfig) -> SequenceData:
+    """The data a training run uses: the file in `config.path`, or the synthetic log when it is empty."""
+    if config.path:
+        interactions = load_interactions(config.path, config.format)
+    else:
+        from training.synthetic import generate_log  # local import: synthetic builds on Interactions above
+
+        interactions = generate_log(config.synthetic_users, config.synthetic_items, config.synthetic_seed)
+    return build_sequences(interactions, kcore=config.kcore, max_events_per_user=config.max_events_per_user,
+                           attributes_path=config.attributes)
+
+
+# ---------------------------------------------------------------------------------------------- leave-one-out
+
+
+def history_bounds(data: SequenceData, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) offsets per user of the model input for `split`: train and valid see [start, end_all-2),
+    test sees [start, end_all-1); the valid target is items[end_all-2], the test target items[end_all-1]."""
+    if split not in SPLIT_CUT:
+        raise ValueError(f"split {split!r}: expected one of {', '.join(SPLIT_CUT)}")
+    return data.offsets[:-1].copy(), data.offsets[1:] - SPLIT_CUT[split]
+
+
+def targets(data: SequenceData, split: str) -> np.ndarray:
+    """(U,) item index each user's `split` input must predict; only "valid" and "test" have one."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split {split!r}: targets exist for valid and test only")
+    _, end = history_bounds(data, split)
+    return data.items[end].astype(np.int64)
