@@ -27,7 +27,8 @@ ITEM_VECTORS_FILE = "item_vectors.npy"
 INDEX_FILE = "index.hnsw"
 ITEM_IDS_FILE = "item_ids.json"
 ITEM_ATTRIBUTES_FILE = "item_attributes.npy"
-REQUIRED_FILES = (ENCODER_FILE, ITEM_VECTORS_FILE, INDEX_FILE, ITEM_IDS_FILE)
+ITEM_POPULARITY_FILE = "item_popularity.npy"
+REQUIRED_FILES = (ENCODER_FILE, ITEM_VECTORS_FILE, INDEX_FILE, ITEM_IDS_FILE, ITEM_POPULARITY_FILE)
 
 
 class ArtifactError(ValueError):
@@ -52,6 +53,7 @@ class Artifact:
     item_ids: list[str]  # raw item id of each internal index; item_ids[PAD_INDEX] == ""
     item_index_of: dict[str, int] = field(repr=False)
     item_attributes: np.ndarray | None  # (num_items + 1, A_max) int32 or None
+    item_popularity: np.ndarray  # (num_items + 1,) float32 training event counts: the cold-start fallback
 
     @property
     def model_version(self) -> str:
@@ -125,6 +127,7 @@ def write_artifact(
     item_vectors: np.ndarray,
     item_ids: list[str],
     item_attributes: np.ndarray | None,
+    item_popularity: np.ndarray,
     index_params: IndexParams,
     manifest_fields: dict,
 ) -> Path:
@@ -141,6 +144,7 @@ def write_artifact(
         shutil.copyfile(encoder_weights, staging / ENCODER_FILE)
         np.save(staging / ITEM_VECTORS_FILE, np.ascontiguousarray(item_vectors, dtype=np.float32))
         (staging / ITEM_IDS_FILE).write_text(json.dumps(item_ids))
+        np.save(staging / ITEM_POPULARITY_FILE, np.asarray(item_popularity, dtype=np.float32))
         if item_attributes is not None:
             np.save(staging / ITEM_ATTRIBUTES_FILE, np.ascontiguousarray(item_attributes, dtype=np.int32))
         build_hnsw_index(item_vectors, index_params, num_threads=os.cpu_count() or 1).save_index(
@@ -202,4 +206,5 @@ def load_artifact(path: str | Path) -> Artifact:
         item_ids=item_ids,
         item_index_of={raw: index for index, raw in enumerate(item_ids) if index != PAD_INDEX},
         item_attributes=attributes,
+        item_popularity=np.load(path / ITEM_POPULARITY_FILE, allow_pickle=False),
     )

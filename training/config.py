@@ -45,6 +45,8 @@ class ModelConfig:
     use_behaviors: bool = True  # add a behaviour-type embedding when the data has types
     use_attributes: bool = True  # add pooled attribute embeddings when side information is given
     mask_probability: float = 0.2  # bert only: share of positions masked in training
+    similarity: str = "dot"  # dot | cosine (L2-normalised vectors, scores divided by temperature)
+    temperature: float = 1.0  # cosine only
 
 
 @dataclass
@@ -57,6 +59,7 @@ class OptimConfig:
     max_epochs: int = 200
     patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
     grad_clip: float = 1.0
+    mask_history: bool = False  # ce only: leave already-seen items out of the softmax, as evaluation does
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = True  # bf16 autocast on CUDA only
@@ -165,6 +168,7 @@ def validate_config(config: TrainConfig) -> None:
         "model.backbone": (config.model.backbone, ("gpt2", "llama", "bert")),
         "optim.loss": (config.optim.loss, ("ce", "sampled", "bce")),
         "optim.device": (config.optim.device, ("auto", "cpu", "cuda")),
+        "model.similarity": (config.model.similarity, ("dot", "cosine")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -13,9 +13,16 @@ import torch
 import torch.nn.functional as F
 
 
-def full_softmax_loss(user_vectors: torch.Tensor, item_vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """user_vectors (N, D), item_vectors (I+1, D) with row 0 = PAD, targets (N,) in 1..I → mean CE."""
+def full_softmax_loss(
+    user_vectors: torch.Tensor, item_vectors: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """user_vectors (N, D), item_vectors (I+1, D) with row 0 = PAD, targets (N,) in 1..I → mean CE.
+
+    excluded (N, X): item indices removed from each row's softmax (0 = nothing), e.g. items already seen.
+    """
     logits = user_vectors @ item_vectors.T  # (N, I+1)
+    if excluded is not None:
+        logits = logits.scatter(1, excluded, float("-inf"))
     logits[:, 0] = float("-inf")
     return F.cross_entropy(logits.float(), targets)
 

@@ -44,6 +44,8 @@ class EncoderConfig:
     dropout: float = 0.5
     attention_dropout: float = 0.5
     backbone: str = "gpt2"
+    similarity: str = "dot"  # dot | cosine: L2-normalised user and item vectors, scores divided by temperature
+    temperature: float = 1.0
 
     @property
     def causal(self) -> bool:
@@ -126,6 +128,19 @@ class SequenceEncoder(nn.Module):
             vectors = vectors + self.attribute_embedding(attributes).sum(-2) / count
         return vectors
 
+    def output_item_vectors(self, item_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Item vectors that user vectors are scored against (normalised under cosine similarity)."""
+        vectors = self.item_vectors(item_indices)
+        if self.config.similarity == "cosine":
+            vectors = nn.functional.normalize(vectors, dim=-1)
+        return vectors
+
+    def project_users(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states → user vectors such that score = user_vector · output_item_vector."""
+        if self.config.similarity == "cosine":
+            hidden = nn.functional.normalize(hidden, dim=-1) / self.config.temperature
+        return hidden
+
     def forward(self, item_indices: torch.Tensor, behavior_indices: torch.Tensor | None, lengths: torch.Tensor):
         """Right-padded (B, T) histories with their lengths → hidden states (B, T, D)."""
         B, T = item_indices.shape
@@ -147,11 +162,11 @@ class SequenceEncoder(nn.Module):
     def user_vectors(self, item_indices, behavior_indices, lengths) -> torch.Tensor:
         """(B, T) right-padded histories → (B, D) vectors read at the last real position."""
         hidden = self.forward(item_indices, behavior_indices, lengths)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+        return self.project_users(hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1])
 
     def score_all(self, user_vectors: torch.Tensor) -> torch.Tensor:
         """(B, D) → (B, I+1) inner-product scores over the catalogue; PAD and [MASK] get -inf."""
-        item_vectors = self.item_vectors()[: self.config.num_items + 1]
+        item_vectors = self.output_item_vectors()[: self.config.num_items + 1]
         scores = user_vectors @ item_vectors.T
         scores[:, PAD_INDEX] = float("-inf")
         return scores

@@ -1,0 +1,121 @@
+"""SequenceData → padded tensors for training and evaluation, built without Python loops over events.
+
+Batches are length-bucketed: users are sorted by history length (random tie-breaks that change each epoch), cut
+into batches, and the batch order is shuffled. Each batch is right-padded only to its own longest history, so on
+short-sequence data (Beauty averages 8.9 events) almost no padding is computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from training.artifact import PAD_INDEX
+from training.data import SequenceData, history_bounds
+from training.model import EncoderConfig
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    items: torch.Tensor  # (B, T) input item indices, right-padded with PAD_INDEX
+    behaviors: torch.Tensor | None  # (B, T) behaviour indices or None
+    lengths: torch.Tensor  # (B,) real input length per row
+    targets: torch.Tensor  # (B, T) item to predict at each position, PAD_INDEX where there is none
+
+    def to(self, device) -> "TrainBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TrainBatch(move(self.items), move(self.behaviors), move(self.lengths), move(self.targets))
+
+
+def gather_padded(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, pad: int = PAD_INDEX) -> np.ndarray:
+    """CSR slices values[starts[b] : starts[b] + lengths[b]] → (B, max length) right-padded matrix."""
+    T = int(lengths.max()) if len(lengths) else 0
+    steps = np.arange(T)
+    valid = steps[None, :] < lengths[:, None]
+    index = np.where(valid, starts[:, None] + steps[None, :], 0)
+    out = values[index]
+    out[~valid] = pad
+    return out
+
+
+def length_bucketed_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """User indices grouped into batches of similar length, batch order shuffled."""
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def causal_train_batches(
+    data: SequenceData, config: EncoderConfig, batch_size: int, rng: np.random.Generator
+) -> Iterator[TrainBatch]:
+    """Next-item batches: input events [0, n-1) of each train history, target events [1, n); newest max_len kept."""
+    start, end = history_bounds(data, "train")
+    usable = np.flatnonzero(end - start >= 2)
+    total = end[usable] - start[usable]
+    window = np.minimum(total, config.max_len + 1)  # inputs + the one extra target
+    first = end[usable] - window
+    for batch in length_bucketed_order(window, batch_size, rng):
+        lengths = window[batch] - 1
+        items = gather_padded(data.items, first[batch], lengths)
+        targets = gather_padded(data.items, first[batch] + 1, lengths)
+        behaviors = None
+        if data.behaviors is not None:
+            behaviors = torch.from_numpy(gather_padded(data.behaviors, first[batch], lengths, 0).astype(np.int64))
+        yield TrainBatch(
+            torch.from_numpy(items.astype(np.int64)), behaviors, torch.from_numpy(lengths.astype(np.int64)),
+            torch.from_numpy(targets.astype(np.int64)),
+        )
+
+
+def masked_train_batches(
+    data: SequenceData, config: EncoderConfig, batch_size: int, mask_probability: float, rng: np.random.Generator
+) -> Iterator[TrainBatch]:
+    """BERT4Rec batches: random positions replaced by [MASK] and predicted; the newest one is masked half the time."""
+    start, end = history_bounds(data, "train")
+    usable = np.flatnonzero(end - start >= 2)
+    window = np.minimum(end[usable] - start[usable], config.max_len)
+    first = end[usable] - window
+    for batch in length_bucketed_order(window, batch_size, rng):
+        lengths = window[batch]
+        items = gather_padded(data.items, first[batch], lengths).astype(np.int64)
+        real = items != PAD_INDEX
+        masked = (rng.random(items.shape) < mask_probability) & real
+        newest = lengths - 1
+        rows = np.arange(len(batch))
+        masked[rows, newest] |= rng.random(len(batch)) < 0.5  # train the inference case: [MASK] at the end
+        masked[rows, newest] |= ~masked.any(1)  # every row predicts something
+        targets = np.where(masked, items, PAD_INDEX)
+        items = np.where(masked, config.mask_index, items)
+        behaviors = None
+        if data.behaviors is not None:
+            behaviors = torch.from_numpy(gather_padded(data.behaviors, first[batch], lengths, 0).astype(np.int64))
+        yield TrainBatch(torch.from_numpy(items), behaviors, torch.from_numpy(lengths.astype(np.int64)),
+                         torch.from_numpy(targets))
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    users: np.ndarray  # (B,) internal user indices
+    histories: list[np.ndarray]  # full input histories (the model truncates; masking uses all of it)
+    behaviors: list[np.ndarray] | None
+    targets: np.ndarray  # (B,) item index to rank
+
+
+def eval_batches(data: SequenceData, split: str, batch_size: int, users: np.ndarray | None = None) -> Iterator[EvalBatch]:
+    """Leave-one-out evaluation inputs for `split` ("valid" or "test"), users grouped by history length."""
+    start, end = history_bounds(data, split)
+    if users is None:
+        users = np.arange(data.num_users)
+    users = users[end[users] > start[users]]
+    users = users[np.argsort(end[users] - start[users], kind="stable")]
+    for i in range(0, len(users), batch_size):
+        batch = users[i : i + batch_size]
+        histories = [data.items[start[u] : end[u]] for u in batch]
+        behaviors = None
+        if data.behaviors is not None:
+            behaviors = [data.behaviors[start[u] : end[u]] for u in batch]
+        yield EvalBatch(batch, histories, behaviors, data.items[end[batch]].astype(np.int64))

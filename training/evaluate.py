@@ -1,0 +1,91 @@
+"""Full-ranking leave-one-out evaluation: each target is ranked against ALL items, not sampled negatives.
+
+Items already in the user's input history are removed from the ranking (score -inf), as the published anchors
+do (Dross, gSASRec, eSASRec filter them out; the S3-Rec/BSARec code sets them to 0, which can only lower
+its numbers). The most-popular baseline goes through the same code path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training.artifact import PAD_INDEX
+from training.batches import EvalBatch, eval_batches
+from training.data import SequenceData, history_bounds
+from training.metrics import ranking_report
+from training.model import SequenceEncoder, encode_histories, pad_histories
+
+
+def mask_seen(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:
+    """Set every history item's score to -inf in place; scores (B, I+1)."""
+    seen = torch.from_numpy(np.asarray(pad_histories_flat(histories))).to(scores.device)
+    scores.scatter_(1, seen, float("-inf"))
+    scores[:, PAD_INDEX] = float("-inf")
+    return scores
+
+
+def pad_histories_flat(histories: list[np.ndarray]) -> np.ndarray:
+    """Right-pad full (untruncated) histories with PAD_INDEX into one (B, max length) matrix."""
+    width = max(len(h) for h in histories)
+    out = np.full((len(histories), width), PAD_INDEX, dtype=np.int64)
+    for row, history in enumerate(histories):
+        out[row, : len(history)] = history
+    return out
+
+
+def rank_batch(scores: torch.Tensor, batch: EvalBatch, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(target ranks (B,), top-K item indices (B, K)) after masking seen items."""
+    scores = mask_seen(scores, batch.histories)
+    targets = torch.from_numpy(batch.targets).to(scores.device)
+    target_scores = scores.gather(1, targets.unsqueeze(1))
+    # ties are broken by item index, so an integer-valued baseline (popularity) is not credited with every tie
+    earlier = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) < targets.unsqueeze(1)
+    ranks = (scores > target_scores).sum(1) + ((scores == target_scores) & earlier).sum(1)
+    top = scores.topk(top_k, dim=1).indices
+    return ranks.cpu().numpy(), top.cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: SequenceEncoder,
+    data: SequenceData,
+    split: str,
+    ks: list[int],
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+    users: np.ndarray | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    model.eval()
+    item_vectors = model.output_item_vectors()[: data.num_items + 1].float()
+    all_ranks, all_top = [], []
+    for batch in eval_batches(data, split, batch_size, users):
+        user_vectors = torch.from_numpy(encode_histories(model, batch.histories, batch.behaviors, device, dtype))
+        scores = user_vectors.to(item_vectors.device) @ item_vectors.T
+        ranks, top = rank_batch(scores, batch, max(ks))
+        all_ranks.append(ranks)
+        all_top.append(top)
+    vectors = item_vectors.cpu().numpy()
+    return ranking_report(np.concatenate(all_ranks), np.concatenate(all_top), vectors, ks, data.num_items)
+
+
+def item_popularity(data: SequenceData, split: str) -> np.ndarray:
+    """(I+1,) event counts per item over the part of each history the split may see."""
+    start, end = history_bounds(data, split)
+    lengths = end - start
+    steps = np.repeat(start - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    visible = data.items[np.arange(lengths.sum()) + steps]
+    return np.bincount(visible, minlength=data.num_items + 1).astype(np.float64)
+
+
+def evaluate_popularity(data: SequenceData, split: str, ks: list[int], batch_size: int = 1024) -> dict[str, float]:
+    """Most-popular baseline: every user gets the same scores, seen items masked as for the model."""
+    popularity = torch.from_numpy(item_popularity(data, split))
+    all_ranks, all_top = [], []
+    for batch in eval_batches(data, split, batch_size):
+        scores = popularity.unsqueeze(0).repeat(len(batch.users), 1)
+        ranks, top = rank_batch(scores, batch, max(ks))
+        all_ranks.append(ranks)
+        all_top.append(top)
+    return ranking_report(np.concatenate(all_ranks), np.concatenate(all_top), None, ks, data.num_items)
