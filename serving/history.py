@@ -4,8 +4,8 @@ Events are stored with raw ids and behaviour names (not model indices) so histor
 Timestamps are integer Unix seconds, like the training logs. A user's history is ordered by
 (timestamp, insertion sequence) - the order training sorts by - and bounded to the newest
 `max_events_per_user` events. An acknowledged append is durable: WAL with synchronous=FULL fsyncs the log
-on every commit (https://www.sqlite.org/pragma.html#pragma_synchronous). Redis comes later behind the same
-protocol.
+on every commit (https://www.sqlite.org/pragma.html#pragma_synchronous). The Redis backend, for stores shared
+across nodes, lives in `serving/history_redis.py`; `open_history_store` picks the backend from the URL.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 from serving.errors import FailedPrecondition, Unavailable
 
 SQLITE_URL_PREFIX = "sqlite:///"
+REDIS_URL_PREFIXES = ("redis://", "rediss://")
 SCHEMA_VERSION = 1
 # Executed one statement at a time inside a transaction (executescript would commit first).
 _SCHEMA = (
@@ -85,10 +86,15 @@ class AppendResult:
 class HistoryConfig:
     """Serve-config section for the history store."""
 
-    url: str = "sqlite:///seqrank-history.db"  # sqlite:///relative/path or sqlite:////absolute/path
+    # sqlite:///relative/path, sqlite:////absolute/path, or redis://[:password@]host:port/db (rediss:// = TLS)
+    url: str = "sqlite:///seqrank-history.db"
     max_events_per_user: int = 200  # older events are trimmed; keep >= the encoder's max_len
-    busy_timeout_s: float = 5.0  # wait for another writer's lock this long before UNAVAILABLE
+    # SQLite: wait for another writer's lock; Redis: connect and reply timeout. Then UNAVAILABLE.
+    busy_timeout_s: float = 5.0
     idempotency_ttl_s: int = 86_400  # a key is remembered this long
+    # Redis only: an append is acknowledged once this many replicas have it (WAIT); 0 = the primary's reply.
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 100  # Redis only: WAIT's limit; fewer replicas by then -> UNAVAILABLE
 
     def __post_init__(self) -> None:
         if self.max_events_per_user < 1:
@@ -97,6 +103,12 @@ class HistoryConfig:
             raise ValueError(f"history.busy_timeout_s: must be > 0, got {self.busy_timeout_s}")
         if self.idempotency_ttl_s < 1:
             raise ValueError(f"history.idempotency_ttl_s: must be >= 1, got {self.idempotency_ttl_s}")
+        if self.wait_replicas < 0:
+            raise ValueError(f"history.wait_replicas: must be >= 0, got {self.wait_replicas}")
+        if self.wait_replicas > 0 and not self.url.startswith(REDIS_URL_PREFIXES):
+            raise ValueError(f"history.wait_replicas: only applies to redis:// urls, got url {self.url!r}")
+        if self.wait_timeout_ms < 1:  # WAIT with timeout 0 would block forever
+            raise ValueError(f"history.wait_timeout_ms: must be >= 1, got {self.wait_timeout_ms}")
 
 
 class HistoryStore(Protocol):
@@ -249,7 +261,7 @@ class SQLiteHistoryStore:
 
 
 def open_history_store(config: HistoryConfig) -> HistoryStore:
-    """The backend named by `config.url`: sqlite:///path (relative) or sqlite:////path (absolute)."""
+    """The backend named by `config.url`: sqlite:///relative, sqlite:////absolute or redis://host:port/db."""
     url = config.url
     if url.startswith(SQLITE_URL_PREFIX):
         path = url[len(SQLITE_URL_PREFIX) :]
@@ -261,9 +273,8 @@ def open_history_store(config: HistoryConfig) -> HistoryStore:
             busy_timeout_s=config.busy_timeout_s,
             idempotency_ttl_s=config.idempotency_ttl_s,
         )
-    if url.startswith(("redis://", "rediss://")):
-        raise ValueError(
-            f"history.url: the Redis backend is not configured yet (planned behind HistoryStore); "
-            f"use sqlite:///PATH, got {url!r}"
-        )
-    raise ValueError(f"history.url: must start with {SQLITE_URL_PREFIX!r}, got {url!r}")
+    if url.startswith(REDIS_URL_PREFIXES):
+        from serving.history_redis import RedisHistoryStore  # here, not at the top: it imports this module's types
+
+        return RedisHistoryStore(config)
+    raise ValueError(f"history.url: must start with {SQLITE_URL_PREFIX!r}, 'redis://' or 'rediss://', got {url!r}")
