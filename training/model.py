@@ -108,7 +108,8 @@ class SequenceEncoder(nn.Module):
         if item_attributes is not None and config.num_attributes:
             attributes[: item_attributes.shape[0], : item_attributes.shape[1]] = torch.as_tensor(item_attributes)
         self.register_buffer("item_attributes", attributes, persistent=True)
-        self.input_dropout = nn.Dropout(config.dropout)
+        # GPT-2 and BERT already apply dropout to the embeddings they are fed (after adding positions); Llama does not
+        self.input_dropout = nn.Dropout(config.dropout if config.backbone == "llama" else 0.0)
         self.backbone = build_backbone(config)
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         for table in (self.behavior_embedding, self.attribute_embedding):
