@@ -10,6 +10,7 @@ across nodes, lives in `serving/history_redis.py`; `open_history_store` picks th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -18,12 +19,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 from serving.errors import FailedPrecondition, Unavailable
 
 SQLITE_URL_PREFIX = "sqlite:///"
 REDIS_URL_PREFIXES = ("redis://", "rediss://")
+ENV_URL_PREFIX = "env:"  # url "env:NAME": the URL is the value of environment variable NAME (a Kubernetes Secret)
 SCHEMA_VERSION = 1
 # Executed one statement at a time inside a transaction (executescript would commit first).
 _SCHEMA = (
@@ -86,7 +88,8 @@ class AppendResult:
 class HistoryConfig:
     """Serve-config section for the history store."""
 
-    # sqlite:///relative/path, sqlite:////absolute/path, or redis://[:password@]host:port/db (rediss:// = TLS)
+    # sqlite:///relative/path, sqlite:////absolute/path, redis://[:password@]host:port/db (rediss:// = TLS), or
+    # env:NAME to keep a password out of the config: the process edge calls resolve_history_url(config, os.environ).
     url: str = "sqlite:///seqrank-history.db"
     max_events_per_user: int = 200  # older events are trimmed; keep >= the encoder's max_len
     # SQLite: wait for another writer's lock; Redis: connect and reply timeout. Then UNAVAILABLE.
@@ -105,7 +108,7 @@ class HistoryConfig:
             raise ValueError(f"history.idempotency_ttl_s: must be >= 1, got {self.idempotency_ttl_s}")
         if self.wait_replicas < 0:
             raise ValueError(f"history.wait_replicas: must be >= 0, got {self.wait_replicas}")
-        if self.wait_replicas > 0 and not self.url.startswith(REDIS_URL_PREFIXES):
+        if self.wait_replicas > 0 and not self.url.startswith((*REDIS_URL_PREFIXES, ENV_URL_PREFIX)):
             raise ValueError(f"history.wait_replicas: only applies to redis:// urls, got url {self.url!r}")
         if self.wait_timeout_ms < 1:  # WAIT with timeout 0 would block forever
             raise ValueError(f"history.wait_timeout_ms: must be >= 1, got {self.wait_timeout_ms}")
@@ -260,6 +263,16 @@ class SQLiteHistoryStore:
             self._connections.clear()
 
 
+def resolve_history_url(config: HistoryConfig, environ: Mapping[str, str]) -> HistoryConfig:
+    """`config` with an `env:NAME` url replaced by environ[NAME] (and checked again); other urls unchanged."""
+    if not config.url.startswith(ENV_URL_PREFIX):
+        return config
+    name = config.url[len(ENV_URL_PREFIX) :]
+    if not environ.get(name):
+        raise ValueError(f"history.url: {config.url!r} names environment variable {name}, which is not set or empty")
+    return dataclasses.replace(config, url=environ[name])
+
+
 def open_history_store(config: HistoryConfig) -> HistoryStore:
     """The backend named by `config.url`: sqlite:///relative, sqlite:////absolute or redis://host:port/db."""
     url = config.url
@@ -273,6 +286,8 @@ def open_history_store(config: HistoryConfig) -> HistoryStore:
             busy_timeout_s=config.busy_timeout_s,
             idempotency_ttl_s=config.idempotency_ttl_s,
         )
+    if url.startswith(ENV_URL_PREFIX):
+        raise ValueError(f"history.url: {url!r} is unresolved; call resolve_history_url(config, os.environ) first")
     if url.startswith(REDIS_URL_PREFIXES):
         from serving.history_redis import RedisHistoryStore  # here, not at the top: it imports this module's types
 

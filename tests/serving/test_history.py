@@ -21,6 +21,7 @@ from serving.history import (
     SQLiteHistoryStore,
     UserEvents,
     open_history_store,
+    resolve_history_url,
 )
 from serving.history_redis import KEY_PREFIX, RedisHistoryStore
 
@@ -279,6 +280,20 @@ def test_open_history_store_refuses_other_urls_naming_the_field(url, fragment):
 def test_history_config_rejects_a_zero_bound():
     with pytest.raises(ValueError, match=r"history.max_events_per_user: must be >= 1, got 0"):
         HistoryConfig(max_events_per_user=0)
+
+
+def test_an_env_url_is_resolved_from_the_environment_and_checked_again(redis_server):
+    config = HistoryConfig(url="env:SEQRANK_HISTORY_URL", wait_replicas=1)
+    with pytest.raises(ValueError, match=r"history.url: 'env:SEQRANK_HISTORY_URL' is unresolved"):
+        open_history_store(config)
+    with pytest.raises(ValueError, match=r"names environment variable SEQRANK_HISTORY_URL, which is not set"):
+        resolve_history_url(config, {"SEQRANK_HISTORY_URL": ""})
+    with pytest.raises(ValueError, match=r"history.wait_replicas: only applies to redis:// urls"):
+        resolve_history_url(config, {"SEQRANK_HISTORY_URL": "sqlite:///x.db"})
+    resolved = resolve_history_url(config, {"SEQRANK_HISTORY_URL": redis_server.url(db=2)})
+    assert resolved.url == redis_server.url(db=2) and resolved.wait_replicas == 1
+    plain = HistoryConfig(url="sqlite:///x.db")
+    assert resolve_history_url(plain, {}) is plain
 
 
 def test_history_config_refuses_wait_replicas_outside_redis():
