@@ -59,6 +59,8 @@ class OptimConfig:
     max_epochs: int = 200
     patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
     grad_clip: float = 1.0
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at max_epochs)
+    warmup_steps: int = 0
     mask_history: bool = False  # ce only: leave already-seen items out of the softmax, as evaluation does
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
@@ -169,6 +171,7 @@ def validate_config(config: TrainConfig) -> None:
         "optim.loss": (config.optim.loss, ("ce", "sampled", "bce")),
         "optim.device": (config.optim.device, ("auto", "cpu", "cuda")),
         "model.similarity": (config.model.similarity, ("dot", "cosine")),
+        "optim.lr_schedule": (config.optim.lr_schedule, ("constant", "cosine")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

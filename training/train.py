@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import asdict
@@ -115,6 +116,16 @@ def seen_before(batch: TrainBatch, positions: torch.Tensor) -> torch.Tensor:
     return seen.masked_fill(seen == batch.targets[positions].unsqueeze(1), PAD_INDEX)
 
 
+def lr_factor(step: int, total_steps: int, optim) -> float:
+    """Multiplier of optim.lr: linear warm-up over warmup_steps, then constant or cosine decay to 0 at total_steps."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.lr_schedule == "cosine":
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -160,6 +171,10 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
 
     model = SequenceEncoder(encoder_config_for(config, data), data.item_attributes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    steps_per_epoch = -(-int(np.sum(np.diff(data.offsets) > 3)) // config.optim.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch * config.optim.max_epochs, config.optim)
+    )
     sampler = NegativeSampler(item_popularity(data, "train"), device) if config.optim.loss == "sampled" else None
     rng = np.random.default_rng(config.optim.seed)
     valid_users = None
@@ -185,6 +200,7 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
             if config.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             optimizer.step()
+            schedule.step()
             total_loss += loss.item()
             steps += 1
         train_seconds = time.perf_counter() - epoch_start
