@@ -3,7 +3,8 @@
 protoc writes `from seqrank.v1 import ranking_pb2` into the gRPC module, which only imports when
 `serving/generated` itself is on sys.path. Ray Serve's proxies import the servicer module from the installed
 package, so `generate()` rewrites that one import to `serving.generated.seqrank.v1` and adds the package
-`__init__.py` files. The output depends only on the .proto files and the grpcio-tools version; a test
+`__init__.py` files. It also gives the message classes that importable module name (protoc names them
+`seqrank.v1.ranking_pb2`): Ray pickles messages and classes by reference, and unpickling imports that module. The output depends only on the .proto files and the grpcio-tools version; a test
 regenerates into a temporary directory and compares byte for byte.
 """
 
@@ -27,6 +28,8 @@ PACKAGE_DOCSTRING = '"""protoc output for protos/, committed. Never edit; regene
 
 # protoc's import of a sibling _pb2 module, e.g. "from seqrank.v1 import ranking_pb2 as seqrank_..."
 _PB2_IMPORT = re.compile(r"^from (seqrank(?:\.\w+)*) import (\w+_pb2) as ", re.MULTILINE)
+# protoc's module name for the message classes, e.g. "BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqrank.v1.ranking_pb2'"
+_MESSAGE_MODULE = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, )'(seqrank(?:\.\w+)*)'")
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,15 @@ def _rewrite_grpc_imports(grpc_module: Path) -> None:
     if count != 1:
         raise RuntimeError(f"{grpc_module}: expected exactly 1 protoc import to rewrite, found {count}")
     grpc_module.write_text(rewritten, encoding="utf-8")
+
+
+def _rewrite_message_module(pb2_module: Path) -> None:
+    """Registers the messages under the module's importable name, e.g. serving.generated.seqrank.v1.ranking_pb2."""
+    text = pb2_module.read_text(encoding="utf-8")
+    rewritten, count = _MESSAGE_MODULE.subn(rf"\1'{GENERATED_PACKAGE}.\2'", text)
+    if count != 1:
+        raise RuntimeError(f"{pb2_module}: expected exactly 1 message module name to rewrite, found {count}")
+    pb2_module.write_text(rewritten, encoding="utf-8")
 
 
 def _add_package_markers(out_dir: Path) -> None:
@@ -85,6 +97,8 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
         _run_protoc(Path(proto_root), staging)
         for grpc_module in staging.rglob("*_pb2_grpc.py"):
             _rewrite_grpc_imports(grpc_module)
+        for pb2_module in staging.rglob("*_pb2.py"):
+            _rewrite_message_module(pb2_module)
         _add_package_markers(staging)
         # Replace only after a complete, successful generation: a failed run leaves the old files intact.
         _remove_generated(out_dir)
