@@ -33,6 +33,11 @@ class ServingError(Exception):
         self.subject = subject
         self.reason = reason
 
+    def __reduce__(self):
+        # Errors raised in a downstream replica are pickled back to the ingress; the default reduce would call
+        # __init__ with the one formatted message and fail.
+        return type(self), (self.subject, self.reason)
+
 
 class InvalidArgument(ServingError):
     """A request field is malformed or out of range; the reason states the allowed range."""
@@ -146,7 +151,9 @@ def rpc_method(response_type: type[ResponseT]) -> Callable[[RpcMethod[ResponseT]
                 code = status_code_of(error)
                 logger.debug("%s -> %s: %s", name, code.name, error)
                 grpc_context.set_code(code)
-                grpc_context.set_details(str(error))
+                # Not str(error): an error raised in a downstream replica arrives as Ray's RayTaskError subclass,
+                # whose str() is a traceback.
+                grpc_context.set_details(f"{error.subject}: {error.reason}")
                 _observe(hooks, name, code, started)
                 return response_type()
             except asyncio.CancelledError:
