@@ -1,0 +1,89 @@
+"""Typed arguments of the Serve application: one section per deployment, parsed once in `build_app`.
+
+They arrive as `applications[].args` of `serving/serve_config.yaml`. Deployment options (replicas, autoscaling,
+queue limits, resources) stay in Serve's own `deployments:` list, and each model-holding deployment's
+`user_config: {artifact_path}` is parsed by `ModelUserConfig` in `reconfigure`. Unknown keys and wrong types are
+errors: sections validate in pydantic's strict mode from JSON, the one input form in which strict mode also turns
+the mappings of the dataclass sections (`Limits`, `HistoryConfig`) into their dataclasses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.history import HistoryConfig
+from serving.validation import Limits
+
+SERVE_CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")  # the one Serve config
+# Where the MMR re-ranker runs: inside the retrieval replica (a function call) or as its own deployment (a hop).
+RERANK_IN_RETRIEVAL = "retrieval"
+RERANK_OWN_DEPLOYMENT = "deployment"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class EncoderArgs(Section):
+    # @serve.batch: a batch runs when it holds max_batch_size requests or batch_wait_timeout_s after its first.
+    # The deployment's max_ongoing_requests caps what a batch can collect.
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=1.0)
+
+
+class RetrievalArgs(Section):
+    ef: int | None = Field(None, ge=1)  # hnswlib query beam; None = the artifact's ef_search (manifest)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.001, ge=0.0, le=1.0)
+
+
+class RerankArgs(Section):
+    placement: Literal["retrieval", "deployment"] = RERANK_IN_RETRIEVAL
+    max_batch_size: int = Field(16, ge=1)  # batching applies when the re-ranker is its own deployment
+    batch_wait_timeout_s: float = Field(0.001, ge=0.0, le=1.0)
+
+
+class IngressArgs(Section):
+    # A user with neither stored history nor inline events gets the artifact's most popular items minus the
+    # exclusions (history_source FALLBACK) under "popular", NOT_FOUND naming user_id under "not_found".
+    cold_start: Literal["popular", "not_found"] = "popular"
+    limits: Limits = Limits()
+    history: HistoryConfig = HistoryConfig()
+
+
+class LocalArgs(Section):
+    """Read only by `seqrank serve`, which starts Ray itself; a cluster's operator sets these on `ray start`."""
+
+    metrics_export_port: int = Field(8080, ge=1, le=65535)  # Prometheus scrape port of Ray's metrics agent
+    dashboard_port: int = Field(8265, ge=1, le=65535)  # Serve's REST API, which applies configs in place
+
+
+class AppArgs(Section):
+    encoder: EncoderArgs = EncoderArgs()
+    retrieval: RetrievalArgs = RetrievalArgs()
+    rerank: RerankArgs = RerankArgs()
+    ingress: IngressArgs = IngressArgs()
+    local: LocalArgs = LocalArgs()
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any] | AppArgs) -> AppArgs:
+        """Validates a config's `args` mapping; raises pydantic.ValidationError naming each bad key."""
+        if isinstance(args, AppArgs):
+            return args
+        return cls.model_validate_json(json.dumps(dict(args)))
+
+
+class ModelUserConfig(Section):
+    """`user_config` of every deployment that serves the model; changing it reloads in place (`reconfigure`)."""
+
+    artifact_path: str = Field(min_length=1)  # a local directory written by `seqrank export`
+
+    @classmethod
+    def parse(cls, user_config: Mapping[str, Any] | None) -> ModelUserConfig:
+        if user_config is None:
+            raise ValueError("user_config: missing; set user_config.artifact_path on this deployment")
+        return cls.model_validate_json(json.dumps(dict(user_config)))

@@ -1,0 +1,135 @@
+"""Every custom metric of the service, defined once: name, unit, meaning, labels. Request code only records.
+
+Metrics go through `ray.serve.metrics` (Serve adds the deployment, replica and application labels) to Ray's
+per-node metrics agent, which serves them to Prometheus next to Serve's own `ray_serve_*` series on the metrics
+export port. Ray prefixes every name with `ray_`; counters gain `_total`, histograms `_bucket`/`_sum`/`_count`.
+docs/metrics.md documents each one; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ray.serve import metrics as serve_metrics
+
+from serving.errors import RpcOutcome
+
+RAY_PREFIX = "ray_"
+LATENCY_MS_BOUNDARIES = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 2500)
+BATCH_SIZE_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128)
+COUNT_BOUNDARIES = (1, 5, 10, 20, 50, 100, 200, 500, 1000)  # Ray wants positive bounds; le=1 holds 0 too
+
+# Rank stages, in execution order; also the names in RankResponse.timings (plus "total").
+STAGE_HISTORY = "history"
+STAGE_ENCODE = "encode"
+STAGE_RETRIEVE = "retrieve"
+STAGE_RERANK = "rerank"
+STAGE_FALLBACK = "fallback"
+STAGE_TOTAL = "total"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # as registered; Prometheus sees RAY_PREFIX + name (+ suffix)
+    kind: Literal["counter", "histogram", "gauge"]
+    description: str
+    tag_keys: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()  # histograms only
+
+    @property
+    def exported_name(self) -> str:
+        """The series name to query: ray_<name>_total for counters, ray_<name>_count for histograms."""
+        suffix = {"counter": "_total", "histogram": "_count", "gauge": ""}[self.kind]
+        return RAY_PREFIX + self.name + suffix
+
+
+REQUESTS = MetricSpec(
+    "seqrank_requests", "counter", "RPCs answered by the ingress, by method and gRPC status code.", ("method", "code")
+)
+REQUEST_LATENCY = MetricSpec(
+    "seqrank_request_latency_ms", "histogram", "Ingress time per RPC in milliseconds (validation to response).",
+    ("method",), LATENCY_MS_BOUNDARIES,
+)
+STAGE_LATENCY = MetricSpec(
+    "seqrank_stage_latency_ms", "histogram",
+    "Rank time per stage in milliseconds as the ingress sees it: history, encode, retrieve (includes rerank when "
+    "the re-ranker runs inside retrieval), rerank (MMR compute), fallback.",
+    ("stage",), LATENCY_MS_BOUNDARIES,
+)
+BATCH_SIZE = MetricSpec(
+    "seqrank_batch_size", "histogram", "Requests per executed @serve.batch call, by stage (encode, retrieve, rerank).",
+    ("stage",), BATCH_SIZE_BOUNDARIES,
+)
+CANDIDATES = MetricSpec(
+    "seqrank_candidates_retrieved", "histogram", "Candidates per Rank left after filtering, before re-ranking.",
+    (), COUNT_BOUNDARIES,
+)
+FILTERED = MetricSpec(
+    "seqrank_items_filtered", "histogram",
+    "Index results per Rank dropped because they were excluded or already seen.", (), COUNT_BOUNDARIES,
+)
+HISTORY_LENGTH = MetricSpec(
+    "seqrank_history_length", "histogram",
+    "Events in the history behind a Rank, by source (store, inline; fallback records 0).",
+    ("source",), COUNT_BOUNDARIES,
+)
+MODEL_INFO = MetricSpec(
+    "seqrank_model_info", "gauge", "1 for the model version a replica serves, 0 for versions it replaced.",
+    ("model_version",),
+)
+RELOADS = MetricSpec(
+    "seqrank_model_reloads", "counter", "Artifact loads by reconfigure, by outcome (ok, failed: old version kept).",
+    ("outcome",),
+)
+VERSION_RETRIES = MetricSpec(
+    "seqrank_version_retries", "counter",
+    "Rank requests re-encoded because retrieval did not hold the encoder's model version yet (rollouts only).",
+)
+ALL_METRICS = (
+    REQUESTS, REQUEST_LATENCY, STAGE_LATENCY, BATCH_SIZE, CANDIDATES, FILTERED, HISTORY_LENGTH, MODEL_INFO,
+    RELOADS, VERSION_RETRIES,
+)
+
+
+def _create(spec: MetricSpec):
+    if spec.kind == "counter":
+        return serve_metrics.Counter(spec.name, spec.description, tag_keys=spec.tag_keys)
+    if spec.kind == "gauge":
+        return serve_metrics.Gauge(spec.name, spec.description, tag_keys=spec.tag_keys)
+    return serve_metrics.Histogram(spec.name, spec.description, list(spec.boundaries), tag_keys=spec.tag_keys)
+
+
+class ServingMetrics:
+    """The metrics of one replica; create it in the deployment's __init__ (Serve's labels come from there)."""
+
+    def __init__(self) -> None:
+        self._metrics = {spec.name: _create(spec) for spec in ALL_METRICS}
+
+    def observe_rpc(self, outcome: RpcOutcome) -> None:
+        self._metrics[REQUESTS.name].inc(tags={"method": outcome.method, "code": outcome.code.name})
+        self._metrics[REQUEST_LATENCY.name].observe(outcome.duration_s * 1000.0, tags={"method": outcome.method})
+
+    def observe_stage(self, stage: str, ms: float) -> None:
+        self._metrics[STAGE_LATENCY.name].observe(ms, tags={"stage": stage})
+
+    def observe_batch(self, stage: str, size: int) -> None:
+        self._metrics[BATCH_SIZE.name].observe(size, tags={"stage": stage})
+
+    def observe_retrieval(self, num_candidates: int, num_filtered: int) -> None:
+        self._metrics[CANDIDATES.name].observe(num_candidates)
+        self._metrics[FILTERED.name].observe(num_filtered)
+
+    def observe_history(self, source: str, length: int) -> None:
+        self._metrics[HISTORY_LENGTH.name].observe(length, tags={"source": source})
+
+    def observe_version_retry(self) -> None:
+        self._metrics[VERSION_RETRIES.name].inc()
+
+    def observe_reload(self, outcome: str, old_version: str | None, new_version: str | None) -> None:
+        self._metrics[RELOADS.name].inc(tags={"outcome": outcome})
+        if new_version is None:
+            return
+        if old_version is not None and old_version != new_version:
+            self._metrics[MODEL_INFO.name].set(0, tags={"model_version": old_version})
+        self._metrics[MODEL_INFO.name].set(1, tags={"model_version": new_version})
