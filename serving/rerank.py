@@ -5,14 +5,21 @@ MMR (Carbonell & Goldstein, SIGIR 1998) picks greedily
 Relevance is an unbounded inner product while cosine lies in [-1, 1], so relevance is min-max normalised over
 the candidates to [0, 1] first; lambda then means the same trade-off for every user. Ties go to the higher raw
 relevance, then the lower candidate position, so lambda = 0 is exactly a stable top-k by relevance.
-The Ray deployment around `mmr` comes later, below the pure functions.
+`rerank` applies it to a retrieval `CandidateSet`; the retrieval replica calls it directly by default, and the
+thin `Reranker` deployment at the end runs it as its own stage when the config asks for that.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
+from ray import serve
+
+from serving.config import RerankArgs
+from serving.messages import CandidateSet, RankedItem, RankedList, RerankRequest
+from serving.metrics import STAGE_RERANK, ServingMetrics
 
 # Verb for "because you <verb> <item>"; behaviour names not listed (and "") read as "interacted with".
 BEHAVIOR_VERBS = {"pv": "viewed", "cart": "added to cart", "fav": "saved", "buy": "bought"}
@@ -91,3 +98,47 @@ def supporting_history(item_vectors: np.ndarray, history_vectors: np.ndarray) ->
 def explanation(behavior: str, raw_item_id: str) -> str:
     """Short reason shown with a ranked item, e.g. "because you viewed sku-00042"."""
     return f"because you {BEHAVIOR_VERBS.get(behavior, DEFAULT_VERB)} {raw_item_id}"
+
+
+def rerank(candidates: CandidateSet, k: int, diversity: float) -> RankedList:
+    """MMR over the candidates, each pick explained by its most similar history event; min(k, C) items."""
+    started = time.perf_counter()
+    num_items = min(k, len(candidates.item_ids))
+    if num_items == 0:
+        return RankedList(candidates.model_version, (), rerank_ms=0.0)
+    selection = mmr(candidates.relevance, candidates.item_vectors, num_items, diversity)
+    history = candidates.history
+    support = (
+        supporting_history(candidates.item_vectors[selection.indices], candidates.history_vectors)
+        if len(history) else None
+    )
+    items = []
+    for rank, (position, score) in enumerate(zip(selection.indices, selection.scores)):
+        because = history.item_ids[support[rank]] if support is not None else ""
+        items.append(RankedItem(
+            item_id=str(candidates.item_ids[position]),
+            score=float(score),
+            relevance=float(candidates.relevance[position]),
+            because_item_id=because,
+            explanation=explanation(history.behaviors[support[rank]], because) if because else "",
+        ))
+    return RankedList(candidates.model_version, tuple(items), rerank_ms=(time.perf_counter() - started) * 1000.0)
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Reranker:
+    """The re-ranker as its own deployment (`rerank.placement: deployment`); stateless, no artifact."""
+
+    def __init__(self, args: RerankArgs) -> None:
+        self._metrics = ServingMetrics()
+        self._rerank_batch.set_max_batch_size(args.max_batch_size)
+        self._rerank_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    async def rerank(self, request: RerankRequest) -> RankedList:
+        return await self._rerank_batch(request)
+
+    @serve.batch
+    async def _rerank_batch(self, requests: list[RerankRequest]) -> list[RankedList]:
+        # Requests were validated by the ingress: nothing here raises for one request and fails the batch.
+        self._metrics.observe_batch(STAGE_RERANK, len(requests))
+        return [rerank(request.candidates, request.k, request.diversity) for request in requests]

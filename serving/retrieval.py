@@ -1,7 +1,9 @@
-"""Candidate retrieval: pure exclusion helpers first; the hnswlib deployment around them comes later.
+"""Candidate retrieval: pure exclusion helpers, the cold-start list, then the hnswlib deployment around them.
 
 Exclusions (items seen, items the caller excludes) are applied after the index search rather than inside it,
 so the index stays shared and read-only. To still return k items, the search over-fetches: see `fetch_size`.
+Queries of concurrent requests run as one batched `knn_query`; by default the same replica then re-ranks
+(`serving.rerank.rerank`, a function call instead of another deployment hop).
 """
 
 from __future__ import annotations
@@ -10,6 +12,15 @@ from dataclasses import dataclass
 from typing import AbstractSet
 
 import numpy as np
+from ray import serve
+
+from serving.catalogue import Catalogue
+from serving.config import RetrievalArgs
+from serving.messages import CandidateSet, RankedList, RetrievalRequest
+from serving.metrics import STAGE_RETRIEVE, ServingMetrics
+from serving.reload import ModelSlot, group_by_model
+from serving.rerank import rerank
+from training.artifact import Artifact
 
 
 @dataclass(frozen=True)
@@ -61,3 +72,101 @@ def filter_candidates(
         excluded_array = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
     keep = np.flatnonzero(~np.isin(labels, excluded_array))[:k]  # positions, still in order
     return Candidates(item_indices=labels[keep], scores=scores[keep])
+
+
+def popular_candidates(catalogue: Catalogue, excluded: np.ndarray, k: int) -> Candidates:
+    """The cold-start list: the k most trained-on items that are not excluded; scores are event counts."""
+    fetched = catalogue.popular_items[: fetch_size(k, len(excluded), catalogue.num_items)]
+    return filter_candidates(fetched, catalogue.item_popularity[fetched], excluded, k)
+
+
+def excluded_indices(catalogue: Catalogue, exclude_item_ids: tuple[str, ...], seen: np.ndarray | None) -> np.ndarray:
+    """Distinct item indices never to return: the known excluded ids plus, when given, the seen items."""
+    excluded = catalogue.item_indices(exclude_item_ids)
+    if seen is not None:
+        excluded = np.concatenate([excluded, seen])
+    return np.unique(excluded)
+
+
+@dataclass(frozen=True)
+class LoadedIndex:
+    """One model version's retrieval state, built completely before it is swapped in."""
+
+    catalogue: Catalogue
+    index: object  # hnswlib.Index over items 1..I, read-only once built
+    item_vectors: np.ndarray  # (I+1, D) float32
+
+    @property
+    def model_version(self) -> str:
+        return self.catalogue.model_version
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact, ef: int | None) -> LoadedIndex:
+        index = artifact.load_index(ef)
+        index.set_num_threads(1)  # one query row per request: batch rows are cheap, threads would contend
+        return cls(catalogue=Catalogue.from_artifact(artifact), index=index, item_vectors=artifact.item_vectors)
+
+
+@dataclass(frozen=True)
+class _Search:
+    loaded: LoadedIndex
+    user_vector: np.ndarray  # (D,)
+    fetch: int
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Retrieval:
+    """hnswlib search with exclusions; `rank` also re-ranks (default topology), `retrieve` stops at candidates."""
+
+    def __init__(self, args: RetrievalArgs) -> None:
+        self._args = args
+        self._metrics = ServingMetrics()
+        self._models: ModelSlot[LoadedIndex] = ModelSlot(
+            "retrieval", lambda artifact: LoadedIndex.from_artifact(artifact, args.ef), self._metrics.observe_reload
+        )
+        self._search_batch.set_max_batch_size(args.max_batch_size)
+        self._search_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self._models.reload(user_config)  # sync: Serve runs it in a worker thread while requests continue
+
+    def check_health(self) -> None:
+        self._models.loaded  # raises until an artifact is loaded
+
+    async def rank(self, request: RetrievalRequest) -> RankedList:
+        candidates = await self.retrieve(request)
+        return rerank(candidates, request.k, request.diversity)
+
+    async def retrieve(self, request: RetrievalRequest) -> CandidateSet:
+        loaded = self._models.resolve(request.user.model_version)  # VersionUnavailable before batching
+        catalogue = loaded.catalogue
+        history = catalogue.restrict(request.history)
+        history_items, _ = catalogue.history_indices(history)
+        seen = history_items if request.exclude_seen else None
+        excluded = excluded_indices(catalogue, request.exclude_item_ids, seen)
+        fetch = fetch_size(request.num_candidates, len(excluded), catalogue.num_items)
+        labels, scores = await self._search_batch(_Search(loaded, request.user.user_vector, fetch))
+        candidates = filter_candidates(labels, scores, excluded, request.num_candidates)
+        self._metrics.observe_retrieval(len(candidates.item_indices), int(np.isin(labels, excluded).sum()))
+        return CandidateSet(
+            model_version=loaded.model_version,
+            item_ids=catalogue.item_ids[candidates.item_indices],
+            relevance=candidates.scores,
+            item_vectors=loaded.item_vectors[candidates.item_indices],
+            history=history,
+            history_vectors=loaded.item_vectors[history_items],
+        )
+
+    @serve.batch
+    async def _search_batch(self, searches: list[_Search]) -> list[tuple[np.ndarray, np.ndarray]]:
+        self._metrics.observe_batch(STAGE_RETRIEVE, len(searches))
+        results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(searches)  # type: ignore[list-item]
+        for loaded, positions in group_by_model(searches, lambda search: search.loaded):
+            fetch = max(searches[p].fetch for p in positions)
+            vectors = np.stack([searches[p].user_vector for p in positions])  # (b, D)
+            labels, distances = loaded.index.knn_query(vectors, k=fetch)  # (b, fetch), best first
+            scores = ip_scores(distances)
+            for row, position in enumerate(positions):
+                own = searches[position].fetch  # a longer beam's first `own` results are at least as good
+                results[position] = (labels[row, :own].astype(np.int64), scores[row, :own])
+        return results

@@ -98,3 +98,46 @@ def test_explanation_uses_the_behaviour_verb():
     assert explanation("pv", "sku-00042") == "because you viewed sku-00042"
     assert explanation("buy", "sku-1") == "because you bought sku-1"
     assert explanation("", "sku-1") == "because you interacted with sku-1"
+
+
+# `rerank`: MMR applied to a retrieval CandidateSet, with explanations.
+
+from serving.catalogue import History  # noqa: E402
+from serving.messages import CandidateSet  # noqa: E402
+from serving.rerank import rerank  # noqa: E402
+
+
+def candidate_set(num_candidates=6, history_ids=("h-1", "h-2"), seed=0):
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(num_candidates, 4)).astype(np.float32)
+    history_vectors = rng.normal(size=(len(history_ids), 4)).astype(np.float32)
+    return CandidateSet(
+        model_version="v1",
+        item_ids=np.array([f"sku-{i}" for i in range(num_candidates)], dtype=object),
+        relevance=np.linspace(2.0, 1.0, num_candidates),
+        item_vectors=vectors,
+        history=History(item_ids=tuple(history_ids), behaviors=("pv", "buy")[: len(history_ids)]),
+        history_vectors=history_vectors,
+    )
+
+
+def test_rerank_at_zero_diversity_keeps_the_relevance_order_with_explanations():
+    candidates = candidate_set()
+    ranked = rerank(candidates, k=4, diversity=0.0)
+    assert [item.item_id for item in ranked.items] == ["sku-0", "sku-1", "sku-2", "sku-3"]
+    assert [item.relevance for item in ranked.items] == candidates.relevance[:4].tolist()
+    support = supporting_history(candidates.item_vectors[:4], candidates.history_vectors)
+    assert [item.because_item_id for item in ranked.items] == [candidates.history.item_ids[s] for s in support]
+    for item, s in zip(ranked.items, support):
+        assert item.explanation == explanation(candidates.history.behaviors[s], item.because_item_id)
+    assert ranked.model_version == "v1" and ranked.rerank_ms >= 0.0
+
+
+def test_rerank_returns_all_candidates_when_fewer_than_k_and_nothing_for_none():
+    assert len(rerank(candidate_set(num_candidates=3), k=10, diversity=0.5).items) == 3
+    assert rerank(candidate_set(num_candidates=0), k=10, diversity=0.5).items == ()
+
+
+def test_rerank_without_history_gives_no_explanation():
+    ranked = rerank(candidate_set(history_ids=()), k=2, diversity=0.3)
+    assert [(item.because_item_id, item.explanation) for item in ranked.items] == [("", ""), ("", "")]

@@ -59,3 +59,42 @@ def test_fetch_size_rejects_impossible_inputs(args, message):
 
 def test_ip_scores_undo_hnswlib_distance():
     np.testing.assert_allclose(ip_scores(np.array([0.0, 1.0, 1.5], dtype=np.float32)), [1.0, 0.0, -0.5])
+
+
+# The retrieval stage's pure parts: the cold-start list and the exclusion set under one catalogue.
+
+from serving.catalogue import Catalogue  # noqa: E402
+from serving.retrieval import LoadedIndex, excluded_indices, popular_candidates  # noqa: E402
+from tests.serving.artifacts import write_small_artifact  # noqa: E402
+from training.artifact import load_artifact  # noqa: E402
+from training.export import exact_top_k  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory):
+    return load_artifact(write_small_artifact(tmp_path_factory.mktemp("artifact") / "v1"))
+
+
+def test_popular_candidates_skip_exclusions_and_still_return_k(small_artifact):
+    catalogue = Catalogue.from_artifact(small_artifact)
+    popular = popular_candidates(catalogue, np.array([1, 2, 5]), k=4)
+    np.testing.assert_array_equal(popular.item_indices, [3, 4, 6, 7])
+    np.testing.assert_array_equal(popular.scores, [10.0, 9.0, 7.0, 6.0])
+    assert len(popular_candidates(catalogue, np.arange(1, 11), k=5).item_indices) == 2  # only 2 items remain
+
+
+def test_excluded_indices_union_known_ids_and_seen_items(small_artifact):
+    catalogue = Catalogue.from_artifact(small_artifact)
+    excluded = excluded_indices(catalogue, ("sku-3", "unknown", "sku-3"), seen=np.array([7, 3, 1]))
+    np.testing.assert_array_equal(excluded, [1, 3, 7])
+    np.testing.assert_array_equal(excluded_indices(catalogue, ("sku-2",), seen=None), [2])
+
+
+def test_loaded_index_answers_like_exact_search(small_artifact):
+    loaded = LoadedIndex.from_artifact(small_artifact, ef=None)
+    user_vectors = np.random.default_rng(3).normal(size=(5, 4)).astype(np.float32)
+    labels, distances = loaded.index.knn_query(user_vectors, k=6)
+    np.testing.assert_array_equal(labels, exact_top_k(user_vectors, loaded.item_vectors, 6))
+    expected = np.take_along_axis(user_vectors @ loaded.item_vectors.T, labels.astype(np.int64), 1)
+    np.testing.assert_allclose(ip_scores(distances), expected, rtol=1e-5, atol=1e-5)
+    assert loaded.model_version == "small-v1"

@@ -1,0 +1,114 @@
+"""The encoder deployment: histories of concurrent requests become user vectors in one batched forward pass.
+
+The model and the history -> vector step come from training/model.py (`load_encoder`, `encode_histories`),
+so padding and truncation to the model's max_len are the trained ones. A replica given a GPU (`num_gpus` in
+the Serve config) runs on it under bf16 autocast; otherwise on CPU with as many torch threads as it has CPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from serving.catalogue import Catalogue
+from serving.config import EncoderArgs
+from serving.errors import Unavailable
+from serving.messages import EncodedUser, EncodeRequest
+from serving.metrics import STAGE_ENCODE, ServingMetrics
+from serving.reload import ModelSlot, group_by_model
+from training.artifact import Artifact
+from training.model import SequenceEncoder, encode_histories, load_encoder
+
+logger = logging.getLogger(f"ray.serve.{__name__}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cuda" | "cpu"
+    dtype: torch.dtype | None  # autocast dtype; None = float32
+
+
+def choose_placement(cuda_available: bool, assigned_gpus: int) -> Placement:
+    """GPU with bf16 autocast only when the replica was given a GPU and torch can see one."""
+    if cuda_available and assigned_gpus > 0:
+        return Placement("cuda", torch.bfloat16)
+    return Placement("cpu", None)
+
+
+def torch_threads(assigned_cpus: float) -> int:
+    """Intra-op threads for a replica holding `assigned_cpus` (fractions round down, at least 1)."""
+    return max(1, int(assigned_cpus))
+
+
+@dataclass(frozen=True)
+class LoadedEncoder:
+    catalogue: Catalogue
+    model: SequenceEncoder  # eval mode, on the replica's device
+
+    @property
+    def model_version(self) -> str:
+        return self.catalogue.model_version
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    loaded: LoadedEncoder
+    items: np.ndarray  # (n,) int64 item indices, n >= 1, oldest first
+    behaviors: np.ndarray  # (n,) int64 behaviour indices
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Encoder:
+    def __init__(self, args: EncoderArgs) -> None:
+        resources = ray.get_runtime_context().get_assigned_resources()
+        torch.set_num_threads(torch_threads(resources.get("CPU", 1.0)))
+        self._placement = choose_placement(torch.cuda.is_available(), len(ray.get_gpu_ids()))
+        logger.info("encoder on %s (autocast %s), %d torch threads",
+                    self._placement.device, self._placement.dtype, torch.get_num_threads())
+        self._metrics = ServingMetrics()
+        self._models: ModelSlot[LoadedEncoder] = ModelSlot("encoder", self._load, self._metrics.observe_reload)
+        self._encode_batch.set_max_batch_size(args.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    def _load(self, artifact: Artifact) -> LoadedEncoder:
+        model = load_encoder(artifact.encoder_config, artifact.encoder_weights_path, self._placement.device)
+        return LoadedEncoder(catalogue=Catalogue.from_artifact(artifact), model=model)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self._models.reload(user_config)  # sync: Serve runs it in a worker thread while requests continue
+
+    def check_health(self) -> None:
+        self._models.loaded  # raises until an artifact is loaded
+
+    async def encode(self, request: EncodeRequest) -> EncodedUser:
+        """The user vector of `request.history` under the requested (or current) model version."""
+        loaded = self._models.resolve(request.model_version)  # checks run before batching
+        items, behaviors = loaded.catalogue.history_indices(request.history)
+        if items.size == 0:  # only mid-rollout: the ingress checked the history against its own version
+            raise Unavailable("model_version", f"{loaded.model_version} knows none of the history's items")
+        user_vector = await self._encode_batch(_Prepared(loaded, items, behaviors))
+        return EncodedUser(user_vector=user_vector, model_version=loaded.model_version)
+
+    @serve.batch
+    async def _encode_batch(self, batch: list[_Prepared]) -> list[np.ndarray]:
+        self._metrics.observe_batch(STAGE_ENCODE, len(batch))
+        vectors: list[np.ndarray] = [None] * len(batch)  # type: ignore[list-item]
+        for loaded, positions in group_by_model(batch, lambda prepared: prepared.loaded):
+            # In a worker thread, so the event loop keeps collecting the next batch during the forward pass.
+            user_vectors = await asyncio.to_thread(
+                encode_histories,
+                loaded.model,
+                [batch[p].items for p in positions],
+                [batch[p].behaviors for p in positions],
+                self._placement.device,
+                self._placement.dtype,
+            )  # (b, D) float32
+            for row, position in enumerate(positions):
+                vectors[position] = user_vectors[row]
+        return vectors
