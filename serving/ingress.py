@@ -1,0 +1,245 @@
+"""The gRPC ingress: RankingService and grpc.health.v1 Check; each RPC validates, orchestrates and converts.
+
+Rank: validate (serving/validation.py) -> history (inline events, else the store) -> encode (encoder
+deployment) -> retrieve and re-rank (retrieval deployment; or retrieval, then the re-ranker deployment) ->
+RankResponse. A user without usable history gets the cold-start list (`ingress.cold_start`). Domain errors,
+here or in a downstream replica, become status codes in one place: `rpc_method` (serving/errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Awaitable, Callable, Sequence, TypeVar
+
+import numpy as np
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving import health
+from serving.catalogue import Catalogue, History
+from serving.config import IngressArgs
+from serving.errors import NotFound, RpcHooks, rpc_method
+from serving.generated.seqrank.v1 import ranking_pb2
+from serving.history import Event, StoredEvent, open_history_store, resolve_history_url
+from serving.messages import EncodeRequest, RankedItem, RankedList, RerankRequest, RetrievalRequest
+from serving.metrics import (
+    STAGE_ENCODE, STAGE_FALLBACK, STAGE_HISTORY, STAGE_RERANK, STAGE_RETRIEVE, STAGE_TOTAL, ServingMetrics,
+)
+from serving.reload import ModelSlot, VersionUnavailable
+from serving.retrieval import popular_candidates
+from serving.validation import RankQuery, validate_record_events_request, validate_rank_request
+
+logger = logging.getLogger(f"ray.serve.{__name__}")
+T = TypeVar("T")
+COLD_START_POPULAR = "popular"
+HISTORY_SOURCE_NAMES = {
+    ranking_pb2.HISTORY_SOURCE_STORE: "store",
+    ranking_pb2.HISTORY_SOURCE_INLINE: "inline",
+    ranking_pb2.HISTORY_SOURCE_FALLBACK: "fallback",
+}
+
+
+@dataclass
+class StageClock:
+    """Wall time of each Rank stage, for RankResponse.timings and the stage-latency histogram."""
+
+    metrics: ServingMetrics
+    started: float = field(default_factory=time.perf_counter)
+    stages: list[tuple[str, float]] = field(default_factory=list)  # (stage, ms) in execution order
+
+    def add(self, stage: str, ms: float) -> None:
+        self.stages.append((stage, ms))
+        self.metrics.observe_stage(stage, ms)
+
+    def run(self, stage: str, function: Callable[..., T], *args) -> T:
+        started = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            self.add(stage, (time.perf_counter() - started) * 1000.0)
+
+    async def time(self, stage: str, awaitable: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await awaitable
+        finally:
+            self.add(stage, (time.perf_counter() - started) * 1000.0)
+
+    def total_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
+
+
+@dataclass(frozen=True)
+class UserHistory:
+    history: History
+    source: int  # ranking_pb2.HistorySource
+
+
+def history_of(events: Sequence[Event] | Sequence[StoredEvent]) -> History:
+    return History(item_ids=tuple(e.raw_item_id for e in events), behaviors=tuple(e.behavior for e in events))
+
+
+def choose_source(history: History, source: int, catalogue: Catalogue, cold_start: str, user_id: str) -> int:
+    """`source`, or FALLBACK when no event names an item of the serving model (cold start); NotFound if so set."""
+    if len(history) and catalogue.known(history.item_ids).any():
+        return source
+    if cold_start != COLD_START_POPULAR:
+        raise NotFound("user_id", f"no history for user {user_id!r}: send recent_events or record events first")
+    return ranking_pb2.HISTORY_SOURCE_FALLBACK
+
+
+def fallback_list(catalogue: Catalogue, query: RankQuery) -> RankedList:
+    """The cold-start list: most popular items minus the exclusions, scored by training event count."""
+    excluded = np.fromiter(query.exclude_item_indices, dtype=np.int64, count=len(query.exclude_item_indices))
+    popular = popular_candidates(catalogue, excluded, query.k)
+    items = tuple(
+        RankedItem(item_id=str(catalogue.item_ids[index]), score=float(count), relevance=float(count),
+                   because_item_id="", explanation="")
+        for index, count in zip(popular.item_indices, popular.scores)
+    )
+    return RankedList(catalogue.model_version, items, rerank_ms=0.0)
+
+
+def rank_response(ranked: RankedList, request_id: str, source: int, clock: StageClock) -> ranking_pb2.RankResponse:
+    total_ms = clock.total_ms()
+    clock.metrics.observe_stage(STAGE_TOTAL, total_ms)
+    return ranking_pb2.RankResponse(
+        items=[
+            ranking_pb2.RankedItem(item_id=item.item_id, score=item.score, relevance=item.relevance,
+                                   because_item_id=item.because_item_id, explanation=item.explanation)
+            for item in ranked.items
+        ],
+        model_version=ranked.model_version,
+        timings=[ranking_pb2.StageTiming(stage=stage, ms=ms) for stage, ms in (*clock.stages, (STAGE_TOTAL, total_ms))],
+        request_id=request_id,
+        history_source=source,
+    )
+
+
+def model_info(catalogue: Catalogue) -> ranking_pb2.GetModelInfoResponse:
+    manifest = catalogue.manifest
+    index = manifest["index"]
+    return ranking_pb2.GetModelInfoResponse(
+        model_version=catalogue.model_version,
+        num_items=catalogue.num_items,
+        dim=manifest["dim"],
+        index=ranking_pb2.IndexParams(space=index["space"], m=index["M"], ef_construction=index["ef_construction"],
+                                      ef_search=index["ef_search"]),
+        metrics={name: float(value) for name, value in manifest.get("metrics", {}).items()},
+        behavior_names=catalogue.behavior_names,
+        created_at=manifest.get("created_at", ""),
+        data_fingerprint=manifest.get("data_fingerprint", ""),
+        max_history_length=manifest["encoder_config"]["max_len"],
+    )
+
+
+@serve.deployment(max_ongoing_requests=100)
+class RankingIngress:
+    def __init__(
+        self,
+        args: IngressArgs,
+        encoder: DeploymentHandle,
+        retrieval: DeploymentHandle,
+        reranker: DeploymentHandle | None,  # None: retrieval re-ranks in its own replica
+    ) -> None:
+        self._args = args
+        self._encoder, self._retrieval, self._reranker = encoder, retrieval, reranker
+        self._metrics = ServingMetrics()
+        self.rpc_hooks = RpcHooks(observe=self._metrics.observe_rpc)  # read by rpc_method
+        # The replica is this setting's process edge: an `env:NAME` url (a Kubernetes Secret) is resolved here,
+        # so the secret never enters the Serve config or the bound deployment arguments.
+        self._store = open_history_store(resolve_history_url(args.history, os.environ))
+        self._catalogues: ModelSlot[Catalogue] = ModelSlot(
+            "ingress", Catalogue.from_artifact, self._metrics.observe_reload
+        )
+
+    def reconfigure(self, user_config: dict) -> None:
+        self._catalogues.reload(user_config)  # sync: Serve runs it in a worker thread while requests continue
+
+    def check_health(self) -> None:
+        self._catalogues.loaded  # raises until an artifact is loaded
+
+    def __del__(self) -> None:
+        store = getattr(self, "_store", None)  # absent when __init__ failed
+        if store is not None:
+            store.close()
+
+    @rpc_method(ranking_pb2.RankResponse)
+    async def Rank(self, request: ranking_pb2.RankRequest, grpc_context) -> ranking_pb2.RankResponse:
+        clock = StageClock(self._metrics)
+        catalogue = self._catalogues.current
+        query = validate_rank_request(request, self._args.limits, catalogue.item_index_of, catalogue.behavior_names)
+        user = await clock.time(STAGE_HISTORY, self._user_history(query, catalogue))
+        if user.source == ranking_pb2.HISTORY_SOURCE_FALLBACK:
+            ranked = clock.run(STAGE_FALLBACK, fallback_list, catalogue, query)
+        else:
+            ranked = await self._encode_and_rank(query, user.history, catalogue, clock)
+        response = rank_response(ranked, query.request_id or uuid.uuid4().hex, user.source, clock)
+        logger.debug("Rank %s user %r: %s, %d items, %.1f ms", response.request_id, query.user_id,
+                     ranked.model_version, len(ranked.items), response.timings[-1].ms)
+        return response
+
+    @rpc_method(ranking_pb2.RecordEventsResponse)
+    async def RecordEvents(self, request: ranking_pb2.RecordEventsRequest, grpc_context):
+        catalogue = self._catalogues.current
+        batch = validate_record_events_request(
+            request, self._args.limits, catalogue.item_index_of, catalogue.behavior_names
+        )
+        result = await asyncio.to_thread(self._store.append, batch.users, batch.idempotency_key)  # fsyncs
+        return ranking_pb2.RecordEventsResponse(
+            accepted=result.accepted, stored=result.stored, duplicates_ignored=result.duplicates_ignored,
+            idempotent_replay=result.idempotent_replay,
+        )
+
+    @rpc_method(ranking_pb2.GetModelInfoResponse)
+    async def GetModelInfo(self, request: ranking_pb2.GetModelInfoRequest, grpc_context):
+        return model_info(self._catalogues.current)
+
+    @rpc_method(health_pb2.HealthCheckResponse)
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context):
+        return health.check(request.service, self._catalogues.is_loaded)
+
+    async def _user_history(self, query: RankQuery, catalogue: Catalogue) -> UserHistory:
+        """Inline events when given (not stored), else the stored history, bounded by the store."""
+        if query.inline_events:
+            history, source = history_of(query.inline_events), ranking_pb2.HISTORY_SOURCE_INLINE
+        else:
+            limit = self._args.history.max_events_per_user
+            stored = await asyncio.to_thread(self._store.recent, query.user_id, limit)
+            history, source = history_of(stored), ranking_pb2.HISTORY_SOURCE_STORE
+        source = choose_source(history, source, catalogue, self._args.cold_start, query.user_id)
+        if source == ranking_pb2.HISTORY_SOURCE_FALLBACK:
+            history = History(item_ids=(), behaviors=())
+        self._metrics.observe_history(HISTORY_SOURCE_NAMES[source], len(history))
+        return UserHistory(history, source)
+
+    async def _encode_and_rank(
+        self, query: RankQuery, history: History, catalogue: Catalogue, clock: StageClock
+    ) -> RankedList:
+        encode = EncodeRequest(history)
+        encoded = await clock.time(STAGE_ENCODE, self._encoder.encode.remote(encode))
+        excluded_ids = tuple(catalogue.item_ids[sorted(query.exclude_item_indices)])
+        request = RetrievalRequest(user=encoded, history=history, exclude_item_ids=excluded_ids,
+                                   exclude_seen=query.exclude_seen, num_candidates=query.num_candidates,
+                                   k=query.k, diversity=query.diversity)
+        try:
+            ranked = await clock.time(STAGE_RETRIEVE, self._retrieve(request))
+        except VersionUnavailable as error:  # mid-rollout: the encoder reloaded before retrieval did
+            self._metrics.observe_version_retry()
+            encode = replace(encode, model_version=error.held[0])  # the newest version retrieval holds
+            encoded = await clock.time(STAGE_ENCODE, self._encoder.encode.remote(encode))
+            ranked = await clock.time(STAGE_RETRIEVE, self._retrieve(replace(request, user=encoded)))
+        clock.add(STAGE_RERANK, ranked.rerank_ms)
+        return ranked
+
+    async def _retrieve(self, request: RetrievalRequest) -> RankedList:
+        if self._reranker is None:
+            return await self._retrieval.rank.remote(request)
+        candidates = await self._retrieval.retrieve.remote(request)
+        return await self._reranker.rerank.remote(RerankRequest(candidates, request.k, request.diversity))

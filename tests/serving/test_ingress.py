@@ -1,0 +1,200 @@
+"""The ingress's pure parts: history source and cold start, the fallback list, proto conversion."""
+
+import pytest
+
+from serving.catalogue import Catalogue, History
+from serving.errors import NotFound
+from serving.generated.seqrank.v1 import ranking_pb2 as pb
+from serving.ingress import StageClock, choose_source, fallback_list, model_info, rank_response
+from serving.messages import RankedItem, RankedList
+from serving.validation import Limits, validate_rank_request
+from tests.serving.artifacts import BEHAVIORS, write_small_artifact
+from training.artifact import load_artifact
+
+
+class RecordingMetrics:
+    def __init__(self):
+        self.stages = []
+
+    def observe_stage(self, stage, ms):
+        self.stages.append(stage)
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory) -> Catalogue:
+    return Catalogue.from_artifact(load_artifact(write_small_artifact(tmp_path_factory.mktemp("a") / "v1")))
+
+
+def query(catalogue, **fields):
+    fields.setdefault("user_id", "u1")
+    return validate_rank_request(pb.RankRequest(**fields), Limits(), catalogue.item_index_of, BEHAVIORS)
+
+
+def test_a_history_with_a_known_item_keeps_its_source(catalogue):
+    history = History(item_ids=("retired", "sku-3"), behaviors=("pv", "pv"))
+    assert choose_source(history, pb.HISTORY_SOURCE_STORE, catalogue, "popular", "u1") == pb.HISTORY_SOURCE_STORE
+
+
+@pytest.mark.parametrize("history", [History((), ()), History(("retired-1", "retired-2"), ("pv", "buy"))])
+def test_no_usable_history_falls_back_to_popular(catalogue, history):
+    assert choose_source(history, pb.HISTORY_SOURCE_STORE, catalogue, "popular", "u1") == pb.HISTORY_SOURCE_FALLBACK
+
+
+def test_no_usable_history_is_not_found_naming_user_id_when_configured(catalogue):
+    with pytest.raises(NotFound) as error:
+        choose_source(History((), ()), pb.HISTORY_SOURCE_STORE, catalogue, "not_found", "u7")
+    assert error.value.subject == "user_id" and "'u7'" in error.value.reason
+
+
+def test_fallback_is_the_most_popular_minus_exclusions(catalogue):
+    ranked = fallback_list(catalogue, query(catalogue, k=4, exclude_item_ids=["sku-2", "sku-4", "unknown"]))
+    assert [item.item_id for item in ranked.items] == ["sku-1", "sku-3", "sku-5", "sku-6"]
+    assert [item.score for item in ranked.items] == [12.0, 10.0, 8.0, 7.0]
+    assert all(item.because_item_id == "" and item.explanation == "" for item in ranked.items)
+    assert ranked.model_version == "small-v1"
+
+
+def test_rank_response_lists_stages_in_order_then_total():
+    metrics = RecordingMetrics()
+    clock = StageClock(metrics)
+    clock.add("history", 1.0)
+    clock.add("encode", 2.0)
+    ranked = RankedList("v1", (RankedItem("sku-1", 0.9, 3.0, "sku-2", "because you viewed sku-2"),), rerank_ms=0.1)
+    response = rank_response(ranked, "req-1", pb.HISTORY_SOURCE_INLINE, clock)
+    assert [t.stage for t in response.timings] == ["history", "encode", "total"]
+    assert response.timings[-1].ms >= 0 and metrics.stages == ["history", "encode", "total"]
+    assert response.items[0].because_item_id == "sku-2" and response.model_version == "v1"
+    assert response.request_id == "req-1" and response.history_source == pb.HISTORY_SOURCE_INLINE
+
+
+def test_model_info_reports_the_manifest(catalogue):
+    info = model_info(catalogue)
+    manifest = catalogue.manifest
+    assert info.model_version == manifest["model_version"] and info.num_items == 12 and info.dim == 4
+    assert (info.index.space, info.index.m, info.index.ef_search) == ("ip", 8, 50)
+    assert list(info.behavior_names) == BEHAVIORS and info.max_history_length == 7
+    assert dict(info.metrics) == {"NDCG@10": 0.5} and info.data_fingerprint == "f" * 64
+
+
+# The RankingIngress class itself, outside Ray: downstream deployments replaced by fakes with `.method.remote()`.
+
+import asyncio  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from serving.config import IngressArgs  # noqa: E402
+from serving.history import HistoryConfig  # noqa: E402
+from serving.ingress import RankingIngress  # noqa: E402
+from serving.messages import CandidateSet, EncodedUser  # noqa: E402
+from serving.reload import VersionUnavailable  # noqa: E402
+
+
+class FakeContext:
+    def __init__(self):
+        self.code, self.details = None, None
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+    def invocation_metadata(self):
+        return ()
+
+
+class Remote:
+    """Stands in for `handle.method`: `.remote(...)` returns an awaitable, like a DeploymentResponse."""
+
+    def __init__(self, function):
+        self.function = function
+        self.calls = []
+
+    def remote(self, *args):
+        self.calls.append(args)
+
+        async def call():
+            return self.function(*args)
+
+        return call()
+
+
+class FakeEncoder:
+    """Has already reloaded to v2 and still holds v1."""
+
+    def __init__(self):
+        self.encode = Remote(lambda request: EncodedUser(np.ones(4, np.float32), request.model_version or "v2"))
+
+
+class FakeRetrieval:
+    """Still on v1 only: refuses v2 vectors the way a real replica does mid-rollout."""
+
+    def __init__(self):
+        self.rank = Remote(self._rank)
+        self.retrieve = Remote(self._retrieve)
+
+    @staticmethod
+    def _check(request):
+        if request.user.model_version != "v1":
+            raise VersionUnavailable(request.user.model_version, ("v1",))
+
+    def _rank(self, request):
+        self._check(request)
+        return RankedList("v1", (RankedItem("sku-9", 1.0, 2.0, "sku-1", "because you viewed sku-1"),), rerank_ms=0.2)
+
+    def _retrieve(self, request):
+        self._check(request)
+        return CandidateSet("v1", np.array(["sku-9"], dtype=object), np.array([2.0]), np.ones((1, 4), np.float32),
+                            request.history, np.ones((len(request.history), 4), np.float32))
+
+
+class FakeReranker:
+    def __init__(self):
+        self.rerank = Remote(lambda request: RankedList(request.candidates.model_version, (
+            RankedItem(str(request.candidates.item_ids[0]), 0.5, 2.0, "", ""),), rerank_ms=0.3))
+
+
+def make_ingress(tmp_path, artifact_dir, reranker=None):
+    args = IngressArgs(history=HistoryConfig(url=f"sqlite:///{tmp_path / 'history.db'}"))
+    encoder, retrieval = FakeEncoder(), FakeRetrieval()
+    ingress = RankingIngress.func_or_class(args, encoder, retrieval, reranker)
+    ingress.reconfigure({"artifact_path": str(artifact_dir)})
+    return ingress, encoder, retrieval
+
+
+def rank(ingress, **fields):
+    context = FakeContext()
+    request = pb.RankRequest(user_id="u1", recent_events=[pb.Event(item_id="sku-1", behavior="pv")], **fields)
+    return asyncio.run(ingress.Rank(request, grpc_context=context)), context
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory):
+    return write_small_artifact(tmp_path_factory.mktemp("artifact") / "v1")
+
+
+def test_encoder_ahead_of_retrieval_is_re_encoded_once_with_the_version_retrieval_holds(tmp_path, artifact_dir):
+    ingress, encoder, retrieval = make_ingress(tmp_path, artifact_dir)
+    response, context = rank(ingress)
+    assert context.code is None and response.model_version == "v1"
+    assert [call[0].model_version for call in encoder.encode.calls] == [None, "v1"]
+    assert [call[0].user.model_version for call in retrieval.rank.calls] == ["v2", "v1"]
+    assert [t.stage for t in response.timings] == ["history", "encode", "retrieve", "encode", "retrieve", "rerank",
+                                                  "total"]
+
+
+def test_own_reranker_deployment_receives_the_candidates(tmp_path, artifact_dir):
+    reranker = FakeReranker()
+    ingress, _, retrieval = make_ingress(tmp_path, artifact_dir, reranker)
+    response, context = rank(ingress, k=1, diversity=0.4)
+    assert context.code is None and [item.item_id for item in response.items] == ["sku-9"]
+    assert retrieval.rank.calls == [] and len(retrieval.retrieve.calls) == 2  # v2 refused, then v1
+    (request,), = reranker.rerank.calls
+    assert (request.k, request.diversity, request.candidates.model_version) == (1, 0.4, "v1")
+
+
+def test_validation_errors_never_reach_the_downstream_deployments(tmp_path, artifact_dir):
+    ingress, encoder, retrieval = make_ingress(tmp_path, artifact_dir)
+    _, context = rank(ingress, k=0)
+    assert context.code.name == "INVALID_ARGUMENT" and context.details.startswith("k: ")
+    assert encoder.encode.calls == [] and retrieval.rank.calls == []
