@@ -126,11 +126,182 @@ def print_metrics(report: dict, title: str) -> None:
         print(f"  MRR  {report['MRR']:.4f}")
 
 
+def add_serving_commands(sub) -> None:
+    from serving.client import DEFAULT_TARGET
+    from serving.config import SERVE_CONFIG_PATH
+
+    serve = sub.add_parser("serve", help="run the ranking service locally (Ray + Serve, gRPC) until interrupted")
+    serve.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML (default: %(default)s)")
+    serve.add_argument("--artifact", default=None, help="artifact directory; overrides the config's artifact_path")
+    serve.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may schedule (default: all)")
+    serve.set_defaults(func=cmd_serve)
+
+    deploy = sub.add_parser("deploy", help="apply a (changed) Serve config to a running service; a new artifact "
+                                           "reloads in place")
+    deploy.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML (default: %(default)s)")
+    deploy.add_argument("--artifact", default=None, help="artifact directory; overrides the config's artifact_path")
+    deploy.add_argument("--address", default=None,
+                        help="Ray dashboard URL of a remote cluster (default: the local cluster of `seqrank serve`)")
+    deploy.set_defaults(func=cmd_deploy)
+
+    def client_arguments(parser) -> None:
+        parser.add_argument("--target", default=DEFAULT_TARGET, help="gRPC host:port (default: %(default)s)")
+        parser.add_argument("--json", action="store_true", help="print the response as JSON")
+
+    rank = sub.add_parser("rank", help="top-k items for a user")
+    rank.add_argument("user_id")
+    rank.add_argument("-k", type=int, default=None, help="items to return (default: the server's)")
+    rank.add_argument("--diversity", type=float, default=None, help="MMR lambda in [0, 1] (default: the server's)")
+    rank.add_argument("--exclude", nargs="*", default=[], metavar="ITEM", help="item ids never to return")
+    rank.add_argument("--events", nargs="*", default=[], metavar="ITEM[:BEHAVIOR]",
+                      help="recent events, oldest first, used instead of the stored history (not stored)")
+    rank.add_argument("--include-seen", action="store_true", help="allow items from the history")
+    client_arguments(rank)
+    rank.set_defaults(func=cmd_rank)
+
+    record = sub.add_parser("record", help="append events to a user's stored history")
+    record.add_argument("user_id")
+    record.add_argument("events", nargs="+", metavar="ITEM[:BEHAVIOR[:UNIX_SECONDS]]", help="oldest first")
+    record.add_argument("--idempotency-key", default="")
+    client_arguments(record)
+    record.set_defaults(func=cmd_record)
+
+    info = sub.add_parser("info", help="the serving model: version, sizes, index, offline metrics")
+    client_arguments(info)
+    info.set_defaults(func=cmd_info)
+
+
+def load_serve_config(args):
+    from serving.deploy import localize, read_serve_config
+
+    return localize(read_serve_config(args.config), artifact_path=args.artifact)
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import time
+
+    import ray
+    from ray import serve
+
+    from serving.deploy import application, apply, preflight, start_local
+
+    config = load_serve_config(args)
+    app_args = preflight(config)  # before starting anything
+    dashboard_url = start_local(config, app_args, num_cpus=args.num_cpus)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM too
+    try:
+        print(f"deploying {application(config)['name']} (dashboard {dashboard_url}) ...", flush=True)
+        apply(config, dashboard_url)
+        grpc_port = config.get("grpc_options", {}).get("port", 9000)
+        print(f"serving gRPC on 127.0.0.1:{grpc_port}, Prometheus metrics on "
+              f"http://127.0.0.1:{app_args.local.metrics_export_port}/metrics")
+        print(f"hot reload: seqrank deploy --config {args.config} --artifact NEW_ARTIFACT; Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from serving.deploy import application, apply
+
+    config = load_serve_config(args)
+    if args.address:
+        apply(config, args.address)  # a remote cluster: Ray's RAY_AUTH_MODE / RAY_AUTH_TOKEN settings apply
+        address = args.address
+    else:
+        import ray
+
+        # Attaching to the local cluster (`seqrank serve`) finds its dashboard and loads its auth token.
+        address = "http://" + ray.init(address="auto", logging_level=logging.WARNING).dashboard_url
+        try:
+            apply(config, address)
+        finally:
+            ray.shutdown()  # detaches; the cluster keeps running
+    print(f"applied {args.config} to {address}: {application(config)['name']} is RUNNING")
+    return 0
+
+
+def parse_event(text: str):
+    from serving.history import Event
+
+    item_id, behavior, timestamp = (text.split(":") + ["", ""])[:3]
+    try:
+        return Event(raw_item_id=item_id, behavior=behavior, timestamp_s=int(timestamp) if timestamp else None)
+    except ValueError:
+        raise ValueError(f"event {text!r}: the timestamp must be integer Unix seconds") from None
+
+
+def call_service(args, call) -> int:
+    """Runs `call(client)` and prints its response (table or JSON); gRPC errors print code and details."""
+    import grpc
+
+    from serving.client import RankingClient, as_dict
+
+    with RankingClient(args.target) as client:
+        try:
+            response = call(client)
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(as_dict(response), indent=2) if args.json else format_response(response))
+    return 0
+
+
+def cmd_rank(args) -> int:
+    events = [parse_event(text) for text in args.events]
+    return call_service(args, lambda client: client.rank(
+        args.user_id, k=args.k, diversity=args.diversity, exclude_item_ids=args.exclude, recent_events=events,
+        exclude_seen=False if args.include_seen else None,
+    ))
+
+
+def cmd_record(args) -> int:
+    events = [parse_event(text) for text in args.events]
+    return call_service(args, lambda client: client.record({args.user_id: events}, args.idempotency_key))
+
+
+def cmd_info(args) -> int:
+    return call_service(args, lambda client: client.model_info())
+
+
+def format_response(response) -> str:
+    from serving.generated.seqrank.v1 import ranking_pb2
+
+    if isinstance(response, ranking_pb2.RankResponse):
+        source = ranking_pb2.HistorySource.Name(response.history_source).removeprefix("HISTORY_SOURCE_").lower()
+        timings = ", ".join(f"{t.stage} {t.ms:.1f}" for t in response.timings)
+        lines = [f"model {response.model_version}, history {source}, request {response.request_id}",
+                 f"ms: {timings}", f"{'#':>3}  {'item':<20} {'score':>8} {'relevance':>10}  explanation"]
+        lines += [f"{rank:>3}  {item.item_id:<20} {item.score:8.4f} {item.relevance:10.4f}  {item.explanation}"
+                  for rank, item in enumerate(response.items, start=1)]
+        return "\n".join(lines)
+    if isinstance(response, ranking_pb2.RecordEventsResponse):
+        replay = " (idempotent replay: nothing written)" if response.idempotent_replay else ""
+        return (f"accepted {response.accepted}, stored {response.stored}, "
+                f"duplicates ignored {response.duplicates_ignored}{replay}")
+    rows = [("model_version", response.model_version), ("created_at", response.created_at),
+            ("items", response.num_items), ("dim", response.dim),
+            ("index", f"{response.index.space} M={response.index.m} ef_construction={response.index.ef_construction} "
+                      f"ef_search={response.index.ef_search}"),
+            ("behaviours", ", ".join(response.behavior_names) or "-"),
+            ("max_history_length", response.max_history_length),
+            ("data_fingerprint", response.data_fingerprint)]
+    rows += [(f"metric {name}", f"{value:.4f}") for name, value in sorted(response.metrics.items())]
+    return "\n".join(f"{name:<20} {value}" for name, value in rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqrank", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_commands(sub)
+    add_serving_commands(sub)
     return parser
 
 

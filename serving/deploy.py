@@ -1,0 +1,164 @@
+"""Apply the Serve config: check it, start a local Ray + Serve, submit it through Serve's REST API, wait.
+
+Configs go through the dashboard's `PUT /api/serve/applications/` (what `serve deploy` and KubeRay's
+serveConfigV2 use) rather than `serve.run`: on that declarative path a changed `user_config` calls
+`reconfigure` on the running replicas (hot reload in place), while a `serve.run` redeploy replaces them.
+Before anything is submitted `preflight` checks the whole config strictly and verifies the artifact, so a bad
+config fails here, loudly, while the running version keeps serving.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from serving.config import RERANK_OWN_DEPLOYMENT, SERVE_CONFIG_PATH, AppArgs, ModelUserConfig
+from serving.history import SQLITE_URL_PREFIX
+from serving.k8s_render import check_serve_config
+from training.artifact import load_artifact
+
+logger = logging.getLogger(__name__)
+
+INGRESS_DEPLOYMENT = "RankingIngress"
+MODEL_DEPLOYMENTS = (INGRESS_DEPLOYMENT, "Encoder", "Retrieval")  # each loads the artifact in `reconfigure`
+BATCHED_DEPLOYMENTS = {"Encoder": "encoder", "Retrieval": "retrieval", "Reranker": "rerank"}  # -> args section
+RERANKER_DEPLOYMENT = "Reranker"
+RUNNING, DEPLOY_FAILED = "RUNNING", "DEPLOY_FAILED"
+POLL_INTERVAL_S = 0.5
+
+
+class ConfigError(ValueError):
+    """The Serve config cannot be applied; the message names the key."""
+
+
+def read_serve_config(path: str | Path = SERVE_CONFIG_PATH) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def application(config: dict) -> dict:
+    """The config's one application (seqrank deploys exactly one)."""
+    apps = config.get("applications") or []
+    if len(apps) != 1:
+        raise ConfigError(f"applications: expected exactly one application, got {len(apps)}")
+    return apps[0]
+
+
+def localize(config: dict, *, artifact_path: str | Path | None = None, base_dir: Path | None = None) -> dict:
+    """A copy with `artifact_path` set on every model deployment and relative paths made absolute.
+
+    Replicas do not share the caller's working directory, so `artifacts/current` and `sqlite:///x.db` are
+    resolved against `base_dir` (default: the current directory).
+    """
+    config = copy.deepcopy(config)
+    base_dir = (base_dir or Path.cwd()).resolve()
+    app = application(config)
+    for deployment in app.get("deployments", []):
+        if deployment.get("name") not in MODEL_DEPLOYMENTS:
+            continue
+        user_config = deployment.setdefault("user_config", {})
+        path = artifact_path if artifact_path is not None else user_config.get("artifact_path")
+        if path is not None:
+            user_config["artifact_path"] = str((base_dir / path).resolve())
+    history = app.get("args", {}).get("ingress", {}).get("history", {})
+    url = history.get("url")
+    if isinstance(url, str) and url.startswith(SQLITE_URL_PREFIX) and not url.startswith(SQLITE_URL_PREFIX + "/"):
+        history["url"] = SQLITE_URL_PREFIX + str(base_dir / url[len(SQLITE_URL_PREFIX):])
+    return config
+
+
+def preflight(config: dict) -> AppArgs:
+    """Everything checkable before submitting: Serve's schema (unknown keys too), AppArgs, deployment names,
+    one artifact for all model deployments (verified), batch sizes the queue limits allow."""
+    try:
+        check_serve_config(config)
+        app = application(config)
+        args = AppArgs.parse(app.get("args") or {})
+    except ValidationError as error:
+        raise ConfigError(f"applications[0].args: {error}") from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    deployments = {d["name"]: d for d in app.get("deployments", [])}
+    bound = set(MODEL_DEPLOYMENTS) | ({RERANKER_DEPLOYMENT} if args.rerank.placement == RERANK_OWN_DEPLOYMENT else set())
+    for name in deployments.keys() - bound:
+        raise ConfigError(f"deployments[{name}]: not part of the app with rerank.placement "
+                          f"{args.rerank.placement!r} (deployments: {sorted(bound)})")
+    artifact_paths = set()
+    for name in MODEL_DEPLOYMENTS:
+        try:
+            artifact_paths.add(ModelUserConfig.parse(deployments.get(name, {}).get("user_config")).artifact_path)
+        except (ValidationError, ValueError) as error:
+            raise ConfigError(f"deployments[{name}].user_config: {error}") from None
+    if len(artifact_paths) != 1:
+        raise ConfigError(f"user_config.artifact_path: the model deployments must name one artifact, got "
+                          f"{sorted(artifact_paths)}")
+    load_artifact(artifact_paths.pop())  # ArtifactError names the missing or corrupted file
+    for name, section in BATCHED_DEPLOYMENTS.items():
+        limit = deployments.get(name, {}).get("max_ongoing_requests")
+        batch = getattr(args, section).max_batch_size
+        if limit is not None and limit < batch:
+            raise ConfigError(f"deployments[{name}].max_ongoing_requests: {limit} caps batches below "
+                              f"args.{section}.max_batch_size={batch}; raise it to at least {batch}")
+    return args
+
+
+def start_local(config: dict, args: AppArgs, num_cpus: float | None = None, log_to_driver: bool = True) -> str:
+    """Starts Ray on this machine (dashboard and metrics on the configured ports) and Serve's proxies with
+    the config's gRPC options; returns the dashboard URL that `submit` talks to."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    context = ray.init(
+        num_cpus=num_cpus,
+        log_to_driver=log_to_driver,  # replica logs stay in Ray's session directory either way
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=args.local.dashboard_port,
+        _metrics_export_port=args.local.metrics_export_port,  # KubeRay passes --metrics-export-port=8080
+    )
+    serve.start(
+        proxy_location=config.get("proxy_location", "EveryNode"),
+        http_options=config.get("http_options", {}),
+        grpc_options=gRPCOptions(**config.get("grpc_options", {})),
+    )
+    return "http://" + context.dashboard_url
+
+
+def submit(config: dict, dashboard_url: str) -> None:
+    """PUT the config to Serve's REST API, exactly as `serve deploy` does (its client adds Ray's auth token)."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    ServeSubmissionClient(dashboard_url).deploy_applications(config)
+
+
+def wait_until_running(dashboard_url: str, app_name: str, timeout_s: float) -> None:
+    """Polls the application's status until RUNNING; raises on DEPLOY_FAILED or after `timeout_s`."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    client = ServeSubmissionClient(dashboard_url)
+    deadline = time.monotonic() + timeout_s
+    status, message = "NOT_STARTED", ""
+    while time.monotonic() < deadline:
+        details = client.get_serve_details().get("applications", {}).get(app_name)
+        if details is not None:
+            status, message = details["status"], details.get("message", "")
+            if status == RUNNING:
+                return
+            if status == DEPLOY_FAILED:
+                raise RuntimeError(f"application {app_name!r} failed to deploy: {message}")
+        time.sleep(POLL_INTERVAL_S)
+    raise TimeoutError(f"application {app_name!r} not RUNNING after {timeout_s:.0f} s (status {status}: {message})")
+
+
+def apply(config: dict, dashboard_url: str, timeout_s: float = 300.0) -> AppArgs:
+    """preflight, submit, wait: the whole path of a config (first deploy or hot reload)."""
+    args = preflight(config)
+    submit(config, dashboard_url)
+    wait_until_running(dashboard_url, application(config)["name"], timeout_s)
+    return args

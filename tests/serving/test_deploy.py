@@ -1,0 +1,111 @@
+"""The one Serve config and its preflight: what `seqrank serve` / `seqrank deploy` refuse before submitting."""
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from serving.deploy import MODEL_DEPLOYMENTS, ConfigError, application, localize, preflight, read_serve_config
+from serving.health import HEALTH_SERVICER_FUNCTION
+from tests.serving.artifacts import write_small_artifact
+from training.artifact import ArtifactError
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    return write_small_artifact(tmp_path_factory.mktemp("artifacts") / "v1")
+
+
+@pytest.fixture
+def config(artifact) -> dict:
+    return localize(read_serve_config(), artifact_path=artifact)
+
+
+def deployments(config) -> dict:
+    return {d["name"]: d for d in application(config)["deployments"]}
+
+
+def test_committed_config_serves_both_grpc_services_with_a_route_prefix():
+    config = read_serve_config()
+    servicers = config["grpc_options"]["grpc_servicer_functions"]
+    assert HEALTH_SERVICER_FUNCTION in servicers
+    assert "serving.generated.seqrank.v1.ranking_pb2_grpc.add_RankingServiceServicer_to_server" in servicers
+    assert config["grpc_options"]["port"] == 9000 and config["grpc_options"]["enable_reflection"] is True
+    app = application(config)
+    assert app["route_prefix"] and app["import_path"] == "serving.app:build_app"
+    by_name = deployments(config)
+    assert set(by_name) == set(MODEL_DEPLOYMENTS)
+    assert all(d["max_ongoing_requests"] > 5 and d["max_queued_requests"] > 0 for d in by_name.values())
+    assert by_name["Encoder"]["autoscaling_config"]["max_replicas"] >= by_name["Encoder"]["autoscaling_config"]["min_replicas"]
+
+
+def test_committed_config_passes_preflight_with_a_real_artifact(config):
+    args = preflight(config)
+    assert args.rerank.placement == "retrieval"
+
+
+def test_localize_points_every_model_deployment_at_one_absolute_artifact(tmp_path):
+    original = read_serve_config()
+    before = copy.deepcopy(original)
+    config = localize(original, artifact_path="relative/artifact", base_dir=tmp_path)
+    assert original == before  # a copy is returned
+    for name in MODEL_DEPLOYMENTS:
+        assert deployments(config)[name]["user_config"]["artifact_path"] == str(tmp_path / "relative" / "artifact")
+    assert application(config)["args"]["ingress"]["history"]["url"] == f"sqlite:///{tmp_path}/seqrank-history.db"
+    kept = localize(read_serve_config(), base_dir=tmp_path)  # no override: the config's own path, made absolute
+    assert deployments(kept)["Encoder"]["user_config"]["artifact_path"] == str(tmp_path / "artifacts" / "current")
+
+
+def test_absolute_sqlite_urls_are_kept(tmp_path):
+    config = read_serve_config()
+    application(config)["args"]["ingress"]["history"]["url"] = "sqlite:////var/lib/seqrank.db"
+    assert application(localize(config, base_dir=tmp_path))["args"]["ingress"]["history"]["url"] == (
+        "sqlite:////var/lib/seqrank.db")
+
+
+def test_unknown_serve_keys_are_refused(config):
+    deployments(config)["Encoder"]["max_ongoing_request"] = 10  # Ray's schema would silently drop it
+    with pytest.raises(ConfigError, match="max_ongoing_request"):
+        preflight(config)
+
+
+def test_unknown_app_args_are_refused(config):
+    application(config)["args"]["encoder"]["batch_size"] = 8
+    with pytest.raises(ConfigError, match="batch_size"):
+        preflight(config)
+
+
+def test_model_deployments_must_name_the_same_artifact(config, tmp_path):
+    deployments(config)["Retrieval"]["user_config"]["artifact_path"] = str(tmp_path / "other")
+    with pytest.raises(ConfigError, match="one artifact"):
+        preflight(config)
+
+
+def test_missing_user_config_is_refused(config):
+    del deployments(config)["Encoder"]["user_config"]
+    with pytest.raises(ConfigError, match=r"deployments\[Encoder\].user_config"):
+        preflight(config)
+
+
+def test_corrupted_artifact_is_refused_before_submitting(config, artifact, tmp_path):
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(artifact, corrupt)
+    (corrupt / "index.hnsw").write_bytes(b"truncated")
+    with pytest.raises(ArtifactError, match="index.hnsw"):
+        preflight(localize(config, artifact_path=corrupt))
+
+
+def test_reranker_deployment_entry_needs_the_deployment_placement(config):
+    application(config)["deployments"].append({"name": "Reranker", "max_ongoing_requests": 32})
+    with pytest.raises(ConfigError, match=r"deployments\[Reranker\]"):
+        preflight(config)
+    application(config)["args"]["rerank"] = {"placement": "deployment"}
+    assert preflight(config).rerank.placement == "deployment"
+
+
+def test_queue_limits_must_not_cap_batches(config):
+    deployments(config)["Encoder"]["max_ongoing_requests"] = 8  # below encoder.max_batch_size = 32
+    with pytest.raises(ConfigError, match=r"deployments\[Encoder\].max_ongoing_requests"):
+        preflight(config)
