@@ -1,0 +1,117 @@
+"""Hot reload through the config path: a new artifact replaces model and index in the running replicas while
+Rank traffic continues; a broken artifact leaves the old version serving."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import grpc
+import pytest
+
+from serving.deploy import submit, wait_until_running
+from serving.history import Event
+from training.artifact import IndexParams
+from training.export import export_run
+
+AFTER_SWAP_REQUESTS = 20
+
+
+def replica_ids(service) -> dict[str, set[str]]:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    details = ServeSubmissionClient(service.dashboard_url).get_serve_details()
+    deployments = details["applications"][service.app_name]["deployments"]
+    return {name: {r["replica_id"] for r in d["replicas"] if r["state"] == "RUNNING"} for name, d in deployments.items()}
+
+
+class Traffic:
+    """Rank requests from a background thread; records (model_version or error) in order."""
+
+    def __init__(self, service, events):
+        self._client = service.client(timeout_s=60.0)
+        self._events = events
+        self.outcomes: list[str] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                response = self._client.rank("u-reload", recent_events=self._events, k=10)
+                assert len(response.items) == 10
+                self.outcomes.append(response.model_version)
+            except (grpc.RpcError, AssertionError) as error:
+                self.errors.append(repr(error))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self._client.close()
+
+
+@pytest.fixture(scope="module")
+def second_artifact(tiny_run, tmp_path_factory):
+    """The same run exported again: a new model_version, its index built from scratch."""
+    return export_run(tiny_run, tmp_path_factory.mktemp("artifacts") / "v2", IndexParams(M=16, ef_construction=200,
+                      ef_search=400), name="reloaded")
+
+
+def model_version(artifact) -> str:
+    import json
+
+    return json.loads((artifact / "manifest.json").read_text())["model_version"]
+
+
+def test_new_artifact_swaps_in_place_under_traffic(service, second_artifact, item_ids):
+    old, new = model_version(service.artifact), model_version(second_artifact)
+    events = [Event(item_ids[i], "pv") for i in (3, 17, 42)]
+    replicas_before = replica_ids(service)
+    try:
+        with Traffic(service, events) as traffic:
+            deadline = time.monotonic() + 60
+            while len(traffic.outcomes) < 5 and not traffic.errors and time.monotonic() < deadline:
+                time.sleep(0.05)  # traffic flows before the reload starts
+            assert len(traffic.outcomes) >= 5, traffic.errors
+            service.apply(service.with_artifact(second_artifact))
+            swapped_at = len(traffic.outcomes)
+            deadline = time.monotonic() + 60
+            while len(traffic.outcomes) < swapped_at + AFTER_SWAP_REQUESTS and not traffic.errors:
+                assert time.monotonic() < deadline, "traffic stalled after the reload"
+                time.sleep(0.05)
+        assert traffic.errors == []
+        assert set(traffic.outcomes) <= {old, new} and traffic.outcomes[0] == old
+        assert all(version == new for version in traffic.outcomes[swapped_at:])
+        first_new = traffic.outcomes.index(new)
+        assert all(version == new for version in traffic.outcomes[first_new:])  # never back to the old one
+        with service.client() as client:
+            assert client.model_info().model_version == new
+        assert replica_ids(service) == replicas_before  # reconfigured, not replaced
+    finally:
+        service.apply(service.config)  # back to the session's artifact for the other tests
+    with service.client() as client:
+        assert client.model_info().model_version == old
+
+
+def test_broken_artifact_leaves_the_old_version_serving(service, tmp_path, item_ids):
+    broken = tmp_path / "broken"
+    shutil.copytree(service.artifact, broken)
+    (broken / "encoder.safetensors").write_bytes(b"truncated")
+    replicas_before = replica_ids(service)
+    # Straight to Serve, past `preflight` (which refuses it): what a hand-edited serveConfigV2 would do.
+    submit(service.with_artifact(broken), service.dashboard_url)
+    wait_until_running(service.dashboard_url, service.app_name, timeout_s=120)
+    try:
+        with service.client() as client:
+            response = client.rank("u-broken", recent_events=[Event(item_ids[5], "pv")], k=5)
+            assert response.model_version == model_version(service.artifact) and len(response.items) == 5
+            assert client.model_info().model_version == model_version(service.artifact)
+        assert replica_ids(service) == replicas_before
+    finally:
+        service.apply(service.config)
