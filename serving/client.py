@@ -31,7 +31,9 @@ def event_message(event: Event) -> ranking_pb2.Event:
 
 def as_dict(message: Message) -> dict:
     """Proto field names, defaults included, int64 as numbers rather than JSON strings."""
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     if isinstance(message, ranking_pb2.GetModelInfoResponse):
         data["num_items"] = int(data["num_items"])
     return data

@@ -18,9 +18,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import ServeDeploySchema
+
 from serving.config import RERANK_OWN_DEPLOYMENT, SERVE_CONFIG_PATH, AppArgs, ModelUserConfig
 from serving.history import SQLITE_URL_PREFIX
-from serving.k8s_render import check_serve_config
 from training.artifact import load_artifact
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,31 @@ def application(config: dict) -> dict:
     if len(apps) != 1:
         raise ConfigError(f"applications: expected exactly one application, got {len(apps)}")
     return apps[0]
+
+
+def _dropped_keys(given: Any, kept: Any, where: str) -> list[str]:
+    """Keys of `given` (recursively) missing from `kept`, Ray's round trip of it."""
+    problems = []
+    if isinstance(given, dict) and isinstance(kept, dict):
+        for key, value in given.items():
+            problems += [f"{where}.{key}"] if key not in kept else _dropped_keys(value, kept[key], f"{where}.{key}")
+    elif isinstance(given, list) and isinstance(kept, list):
+        for index, (value, kept_value) in enumerate(zip(given, kept)):
+            problems += _dropped_keys(value, kept_value, f"{where}[{index}]")
+    return problems
+
+
+def check_serve_config(config: dict) -> None:
+    """Ray's own schema, strictly: ServeDeploySchema silently drops unknown keys and does not check
+    autoscaling_config values, so both are checked here."""
+    validated = ServeDeploySchema.model_validate(config).model_dump(exclude_unset=True)
+    unknown = _dropped_keys(config, validated, "serve_config")
+    if unknown:
+        raise ConfigError(f"unknown keys (Serve would ignore them): {', '.join(unknown)}")
+    for app in config.get("applications", []):
+        for deployment in app.get("deployments", []):
+            if isinstance(deployment.get("autoscaling_config"), dict):
+                AutoscalingConfig.model_validate(deployment["autoscaling_config"])
 
 
 def localize(config: dict, *, artifact_path: str | Path | None = None, base_dir: Path | None = None) -> dict:
@@ -77,14 +104,17 @@ def preflight(config: dict) -> AppArgs:
     one artifact for all model deployments (verified), batch sizes the queue limits allow."""
     try:
         check_serve_config(config)
-        app = application(config)
+    except ValidationError as error:
+        raise ConfigError(f"serve_config: {error}") from None
+    app = application(config)
+    try:
         args = AppArgs.parse(app.get("args") or {})
     except ValidationError as error:
         raise ConfigError(f"applications[0].args: {error}") from None
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
     deployments = {d["name"]: d for d in app.get("deployments", [])}
-    bound = set(MODEL_DEPLOYMENTS) | ({RERANKER_DEPLOYMENT} if args.rerank.placement == RERANK_OWN_DEPLOYMENT else set())
+    bound = set(MODEL_DEPLOYMENTS)
+    if args.rerank.placement == RERANK_OWN_DEPLOYMENT:
+        bound.add(RERANKER_DEPLOYMENT)
     for name in deployments.keys() - bound:
         raise ConfigError(f"deployments[{name}]: not part of the app with rerank.placement "
                           f"{args.rerank.placement!r} (deployments: {sorted(bound)})")

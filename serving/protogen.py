@@ -4,7 +4,8 @@ protoc writes `from seqrank.v1 import ranking_pb2` into the gRPC module, which o
 `serving/generated` itself is on sys.path. Ray Serve's proxies import the servicer module from the installed
 package, so `generate()` rewrites that one import to `serving.generated.seqrank.v1` and adds the package
 `__init__.py` files. It also gives the message classes that importable module name (protoc names them
-`seqrank.v1.ranking_pb2`): Ray pickles messages and classes by reference, and unpickling imports that module. The output depends only on the .proto files and the grpcio-tools version; a test
+`seqrank.v1.ranking_pb2`): Ray pickles messages and classes by reference, and unpickling imports that
+module. The output depends only on the .proto files and the grpcio-tools version; a test
 regenerates into a temporary directory and compares byte for byte.
 """
 
@@ -28,7 +29,7 @@ PACKAGE_DOCSTRING = '"""protoc output for protos/, committed. Never edit; regene
 
 # protoc's import of a sibling _pb2 module, e.g. "from seqrank.v1 import ranking_pb2 as seqrank_..."
 _PB2_IMPORT = re.compile(r"^from (seqrank(?:\.\w+)*) import (\w+_pb2) as ", re.MULTILINE)
-# protoc's module name for the message classes, e.g. "BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqrank.v1.ranking_pb2'"
+# protoc's module name for the message classes: "BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqrank.v1.ranking_pb2'"
 _MESSAGE_MODULE = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, )'(seqrank(?:\.\w+)*)'")
 
 logger = logging.getLogger(__name__)

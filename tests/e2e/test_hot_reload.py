@@ -23,7 +23,8 @@ def replica_ids(service) -> dict[str, set[str]]:
 
     details = ServeSubmissionClient(service.dashboard_url).get_serve_details()
     deployments = details["applications"][service.app_name]["deployments"]
-    return {name: {r["replica_id"] for r in d["replicas"] if r["state"] == "RUNNING"} for name, d in deployments.items()}
+    return {name: {replica["replica_id"] for replica in deployment["replicas"] if replica["state"] == "RUNNING"}
+            for name, deployment in deployments.items()}
 
 
 class Traffic:

@@ -36,7 +36,8 @@ def test_committed_config_serves_both_grpc_services_with_a_route_prefix():
     by_name = deployments(config)
     assert set(by_name) == set(MODEL_DEPLOYMENTS)
     assert all(d["max_ongoing_requests"] > 5 and d["max_queued_requests"] > 0 for d in by_name.values())
-    assert by_name["Encoder"]["autoscaling_config"]["max_replicas"] >= by_name["Encoder"]["autoscaling_config"]["min_replicas"]
+    autoscaling = by_name["Encoder"]["autoscaling_config"]
+    assert autoscaling["max_replicas"] >= autoscaling["min_replicas"] >= 1
 
 
 def test_committed_config_passes_preflight_with_a_real_artifact(config):
@@ -65,7 +66,16 @@ def test_absolute_sqlite_urls_are_kept(tmp_path):
 
 def test_unknown_serve_keys_are_refused(config):
     deployments(config)["Encoder"]["max_ongoing_request"] = 10  # Ray's schema would silently drop it
-    with pytest.raises(ConfigError, match="max_ongoing_request"):
+    deployments(config)["Encoder"]["ray_actor_options"]["num_gpu"] = 1
+    with pytest.raises(ConfigError) as error:
+        preflight(config)
+    for key in ("deployments[1].max_ongoing_request", "deployments[1].ray_actor_options.num_gpu"):
+        assert key in str(error.value)
+
+
+def test_bad_autoscaling_values_are_refused(config):
+    deployments(config)["Encoder"]["autoscaling_config"]["max_replicas"] = 0  # Ray's schema does not check these
+    with pytest.raises(ConfigError, match="max_replicas"):
         preflight(config)
 
 
