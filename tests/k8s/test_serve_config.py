@@ -1,0 +1,145 @@
+"""serveConfigV2: one source (serving/serve_config.yaml + overrides), no drift, and a strict key check.
+
+Ray's ServeDeploySchema ignores unknown keys, so a misspelled `max_ongoing_request` would deploy with the default
+without a word; `serving.k8s_render.check_serve_config` rejects it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serving import k8s_render
+from serving.k8s_render import RENDER_TARGETS, SERVE_CONFIG, check_serve_config, merge_overrides, unknown_keys
+from tests.k8s.conftest import only
+
+
+@pytest.fixture(scope="module")
+def local_config() -> dict:
+    return yaml.safe_load(SERVE_CONFIG.read_text())
+
+
+def test_committed_serve_config_v2_patches_match_a_fresh_render():
+    stale = k8s_render.stale_patches()
+    assert not stale, f"stale {sorted(str(path) for path in stale)}: run `python -m serving.k8s_render`"
+
+
+@pytest.mark.parametrize("kustomization, target", [("base", "base"), ("overlays/dev-cpu", "base"),
+                                                   ("overlays/prod-gpu", "overlays/prod-gpu")])
+def test_each_rendered_rayservice_carries_the_serve_config_of_its_target(rendered, kustomization, target):
+    (render_target,) = [t for t in RENDER_TARGETS if t.directory == target]
+    serve_config_v2 = yaml.safe_load(only(rendered[kustomization], "RayService")["spec"]["serveConfigV2"])
+    assert serve_config_v2 == k8s_render.render_serve_config(render_target)
+    check_serve_config(serve_config_v2)
+
+
+def test_the_local_serve_config_passes_the_strict_check(local_config):
+    check_serve_config(local_config)
+
+
+def test_overrides_change_only_what_they_name(local_config):
+    """The Kubernetes configs differ from the local one only at the paths the override files list."""
+
+    def leaves(value, where=""):
+        if isinstance(value, dict):
+            return {leaf for key, item in value.items() for leaf in leaves(item, f"{where}.{key}")}
+        if isinstance(value, list) and all(isinstance(item, dict) and "name" in item for item in value):
+            return {leaf for item in value for leaf in leaves(item, f"{where}[{item['name']}]")}
+        return {(where, yaml.safe_dump(value))}
+
+    for target in RENDER_TARGETS:
+        changed = leaves(k8s_render.render_serve_config(target)) - leaves(local_config)
+        overridden = set()
+        for directory in target.override_dirs:
+            overrides = yaml.safe_load((k8s_render.K8S_DIR / directory / k8s_render.OVERRIDES_FILE).read_text())
+            overridden |= {where for where, _ in leaves(overrides)}
+        assert {where for where, _ in changed} <= overridden, target.directory
+
+
+def _deployment_index(config: dict, key: str) -> int:
+    """Index of the first deployment of the first application that sets `key`."""
+    return next(i for i, deployment in enumerate(config["applications"][0]["deployments"]) if key in deployment)
+
+
+def _misspell(config: dict, path: tuple, key: str) -> dict:
+    broken = copy.deepcopy(config)
+    node = broken
+    for part in path:
+        node = node[part]
+    node[key] = 1
+    return broken
+
+
+@pytest.mark.parametrize(
+    "path, key, reported",
+    [
+        ((), "grpc_option", "serve_config.grpc_option: unknown key for ServeDeploySchema"),
+        (("grpc_options",), "request_timeout", "serve_config.grpc_options.request_timeout: unknown key for "
+                                               "gRPCOptionsSchema"),
+        (("applications", 0), "import_pth", "serve_config.applications[0].import_pth: unknown key for "
+                                            "ServeApplicationSchema"),
+        (("applications", 0, "deployments", "D"), "max_ongoing_request",
+         "serve_config.applications[0].deployments[D].max_ongoing_request: unknown key for DeploymentSchema"),
+        (("applications", 0, "deployments", "D", "autoscaling_config"), "target_ongoing_request",
+         "serve_config.applications[0].deployments[D].autoscaling_config.target_ongoing_request: unknown key for "
+         "AutoscalingConfig"),
+        (("applications", 0, "deployments", "D", "ray_actor_options"), "num_gpu",
+         "serve_config.applications[0].deployments[D].ray_actor_options.num_gpu: unknown key for "
+         "RayActorOptionsSchema"),
+    ],
+)
+def test_a_misspelled_key_at_any_depth_is_reported_although_ray_accepts_it(local_config, path, key, reported):
+    index = _deployment_index(local_config, "autoscaling_config")  # it also has ray_actor_options
+    path = tuple(index if part == "D" else part for part in path)
+    reported = reported.replace("deployments[D]", f"deployments[{index}]")
+    broken = _misspell(local_config, path, key)
+    ServeDeploySchema.model_validate(broken)  # Ray's own schema lets it through: the reason for the strict check
+    problems = unknown_keys(broken, ServeDeploySchema, "serve_config")
+    assert len(problems) == 1 and problems[0].startswith(reported), problems
+    with pytest.raises(ValueError, match="unknown keys in the Serve config"):
+        check_serve_config(broken)
+
+
+def test_autoscaling_values_are_checked_too(local_config):
+    config = copy.deepcopy(local_config)
+    index = _deployment_index(config, "autoscaling_config")
+    config["applications"][0]["deployments"][index]["autoscaling_config"] = {"min_replicas": 3, "max_replicas": 1}
+    with pytest.raises(ValueError, match="max_replicas"):
+        check_serve_config(config)
+
+
+@pytest.mark.parametrize(
+    "where, key, fragment",
+    [
+        (("args", "ingress", "history"), "urll", "urll"),  # a dataclass section of AppArgs
+        (("args", "encoder"), "max_batch", "max_batch"),
+        (("deployments", "D", "user_config"), "artifact_pth", "artifact_pth"),
+    ],
+)
+def test_the_apps_own_args_and_user_config_are_checked_strictly(local_config, where, key, fragment):
+    config = copy.deepcopy(local_config)
+    index = _deployment_index(config, "user_config")
+    node = config["applications"][0]
+    for part in where:
+        node = node[index if part == "D" else part]
+    node[key] = 1
+    with pytest.raises(ValueError, match=fragment):  # pydantic's ValidationError is a ValueError
+        check_serve_config(config)
+
+
+def test_an_override_naming_a_missing_deployment_fails_loudly(local_config):
+    app_name = local_config["applications"][0]["name"]
+    overrides = {"applications": [{"name": app_name, "deployments": [{"name": "Encodr", "num_replicas": 2}]}]}
+    with pytest.raises(ValueError, match=r"override names 'Encodr', which the Serve config does not define"):
+        merge_overrides(local_config, overrides, "serve-overrides.yaml")
+
+
+def test_merge_overrides_merges_maps_and_named_lists_and_replaces_other_lists():
+    config = {"a": {"b": 1, "c": [1, 2]}, "apps": [{"name": "x", "v": 1, "w": 2}, {"name": "y", "v": 3}]}
+    overrides = {"a": {"c": [3]}, "apps": [{"name": "y", "v": 4}]}
+    assert merge_overrides(config, overrides) == {
+        "a": {"b": 1, "c": [3]}, "apps": [{"name": "x", "v": 1, "w": 2}, {"name": "y", "v": 4}]
+    }
