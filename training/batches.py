@@ -50,9 +50,13 @@ def length_bucketed_order(lengths: np.ndarray, batch_size: int, rng: np.random.G
 
 
 def causal_train_batches(
-    data: SequenceData, config: EncoderConfig, batch_size: int, rng: np.random.Generator
+    data: SequenceData, config: EncoderConfig, batch_size: int, rng: np.random.Generator, item_dropout: float = 0.0
 ) -> Iterator[TrainBatch]:
-    """Next-item batches: input events [0, n-1) of each train history, target events [1, n); newest max_len kept."""
+    """Next-item batches: input events [0, n-1) of each train history, target events [1, n); newest max_len kept.
+
+    item_dropout: share of input items replaced by [MASK] (targets unchanged), a regulariser for sparse logs:
+    the model cannot lean on any single past item.
+    """
     start, end = history_bounds(data, "train")
     usable = np.flatnonzero(end - start >= 2)
     total = end[usable] - start[usable]
@@ -62,6 +66,8 @@ def causal_train_batches(
         lengths = window[batch] - 1
         items = gather_padded(data.items, first[batch], lengths)
         targets = gather_padded(data.items, first[batch] + 1, lengths)
+        if item_dropout:
+            items = np.where((rng.random(items.shape) < item_dropout) & (items != PAD_INDEX), config.mask_index, items)
         behaviors = None
         if data.behaviors is not None:
             behaviors = torch.from_numpy(gather_padded(data.behaviors, first[batch], lengths, 0).astype(np.int64))

@@ -45,6 +45,7 @@ class ModelConfig:
     use_behaviors: bool = True  # add a behaviour-type embedding when the data has types
     use_attributes: bool = True  # add pooled attribute embeddings when side information is given
     mask_probability: float = 0.2  # bert only: share of positions masked in training
+    item_dropout: float = 0.0  # causal only: share of input items replaced by [MASK] in training
     similarity: str = "dot"  # dot | cosine (L2-normalised vectors, scores divided by temperature)
     temperature: float = 1.0  # cosine only
 
@@ -192,7 +193,8 @@ def validate_config(config: TrainConfig) -> None:
     if config.model.hidden_size % config.model.num_heads:
         raise ConfigError("model.hidden_size must be divisible by model.num_heads")
     for key, value in (("model.dropout", config.model.dropout), ("model.attention_dropout", config.model.attention_dropout),
-                       ("model.mask_probability", config.model.mask_probability)):
+                       ("model.mask_probability", config.model.mask_probability),
+                         ("model.item_dropout", config.model.item_dropout)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
     if config.data.kcore < 0:

@@ -188,7 +188,7 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
         model.train()
         epoch_start, total_loss, steps = time.perf_counter(), 0.0, 0
         if model.config.causal:
-            batches = causal_train_batches(data, model.config, config.optim.batch_size, rng)
+            batches = causal_train_batches(data, model.config, config.optim.batch_size, rng, config.model.item_dropout)
         else:
             batches = masked_train_batches(data, model.config, config.optim.batch_size, config.model.mask_probability, rng)
         for batch in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
