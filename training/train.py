@@ -87,7 +87,7 @@ def batch_loss(model: SequenceEncoder, batch: TrainBatch, config: TrainConfig, s
     loss_name = config.optim.loss
     if loss_name == "ce":
         item_vectors = model.output_item_vectors()[: model.config.num_items + 1]
-        excluded = seen_before(batch, positions) if config.optim.mask_history else None
+        excluded = seen_before(batch, positions, model.config.num_items) if config.optim.mask_history else None
         return full_softmax_loss(user_vectors, item_vectors, targets, excluded)
     if loss_name == "sampled":
         negatives = sampler.sample(config.optim.num_negatives)  # (M,) shared by the batch
@@ -102,7 +102,7 @@ def batch_loss(model: SequenceEncoder, batch: TrainBatch, config: TrainConfig, s
     return bce_loss(user_vectors, model.output_item_vectors(targets), model.output_item_vectors(negatives))
 
 
-def seen_before(batch: TrainBatch, positions: torch.Tensor) -> torch.Tensor:
+def seen_before(batch: TrainBatch, positions: torch.Tensor, num_items: int) -> torch.Tensor:
     """(N, T) item indices each predicted position has already seen (its causal prefix), PAD elsewhere.
 
     Evaluation never ranks seen items, so excluding them from the softmax denominator trains what is evaluated;
@@ -113,7 +113,8 @@ def seen_before(batch: TrainBatch, positions: torch.Tensor) -> torch.Tensor:
     prefix = steps.unsqueeze(0) <= steps.unsqueeze(1)  # (T, T): position t sees inputs 0..t
     seen = batch.items.unsqueeze(1).expand(-1, T, -1).masked_fill(~prefix, PAD_INDEX)  # (B, T, T)
     seen = seen[positions]  # (N, T)
-    return seen.masked_fill(seen == batch.targets[positions].unsqueeze(1), PAD_INDEX)
+    keep = (seen != batch.targets[positions].unsqueeze(1)) & (seen <= num_items)  # [MASK] inputs are not items
+    return seen.masked_fill(~keep, PAD_INDEX)
 
 
 def lr_factor(step: int, total_steps: int, optim) -> float:

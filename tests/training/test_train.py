@@ -61,7 +61,8 @@ def test_causal_batches_are_shifted_by_one(synthetic_dataset):
 
 
 @pytest.mark.parametrize("overrides", [["model.backbone=bert"], ["model.backbone=llama"], ["optim.loss=sampled", "optim.num_negatives=32"],
-                                       ["optim.loss=bce"], ["model.similarity=cosine", "model.temperature=0.1", "optim.mask_history=true"]])
+                                       ["optim.loss=bce"], ["model.similarity=cosine", "model.temperature=0.1", "optim.mask_history=true"],
+                                       ["model.item_dropout=0.3", "optim.mask_history=true", "optim.lr_schedule=cosine"]])
 def test_every_backbone_and_loss_trains_and_is_deterministic(tmp_path, synthetic_dataset, overrides):
     events, attributes = synthetic_dataset
     base = [o for o in TINY_OVERRIDES if not o.startswith(("optim.max_epochs", "optim.patience"))]
