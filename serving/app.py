@@ -1,14 +1,16 @@
 """The Serve application: the only place deployments are bound together. Serve config `import_path:
 serving.app:build_app`, its `args` parsed once into `AppArgs`.
 
-    gRPC proxy -> RankingIngress -> Encoder            (user vector, batched)
-                                 -> Retrieval          (hnswlib search, batched, then MMR in the same replica)
-                                    [-> Reranker]      (rerank.placement: deployment: MMR as its own hop)
+    gRPC proxy -> RankingIngress -> Encoder       (user vectors; batched, own pool: autoscaling, GPU)
+                  + retrieval       [-> Retrieval]  (hnswlib search, batched, then MMR)
+                                    [-> Reranker]   (MMR as its own stage)
 
-Keeping the re-ranker inside retrieval is the default: it saves one deployment hop (about 2-4 ms on a small
-machine) for MMR work of well under a millisecond; its own deployment only pays off when MMR needs its own
-resources. Replicas, autoscaling, queues and resources come from the Serve config's `deployments:` list;
-each deployment's `user_config: {artifact_path}` loads the model and changes it in place.
+Retrieval and re-ranking are classes of their own (serving/retrieval.py, serving/rerank.py); whether each
+runs as a function call inside its caller or as a deployment behind a hop is `retrieval.placement` and
+`rerank.placement`. A hop costs more CPU and latency than a batch of knn queries or MMR at these sizes (numbers
+in the Serve config), so by default retrieval runs in the ingress and MMR in retrieval; the encoder always
+has its own deployment. Replicas, autoscaling, queues and resources come from the Serve config's
+`deployments:`; each model deployment's `user_config: {artifact_path}` loads the model and changes it in place.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Mapping
 
 from ray.serve import Application
 
-from serving.config import RERANK_OWN_DEPLOYMENT, AppArgs
+from serving.config import OWN_DEPLOYMENT, AppArgs
 from serving.encoder import Encoder
 from serving.ingress import RankingIngress
 from serving.rerank import Reranker
@@ -27,6 +29,6 @@ from serving.retrieval import Retrieval
 def build_app(args: Mapping[str, Any] | AppArgs) -> Application:
     app_args = AppArgs.parse(args)
     encoder = Encoder.bind(app_args.encoder)
-    retrieval = Retrieval.bind(app_args.retrieval)
-    reranker = Reranker.bind(app_args.rerank) if app_args.rerank.placement == RERANK_OWN_DEPLOYMENT else None
-    return RankingIngress.bind(app_args.ingress, encoder, retrieval, reranker)
+    retrieval = Retrieval.bind(app_args.retrieval) if app_args.retrieval.placement == OWN_DEPLOYMENT else None
+    reranker = Reranker.bind(app_args.rerank) if app_args.rerank.placement == OWN_DEPLOYMENT else None
+    return RankingIngress.bind(app_args.ingress, app_args.retrieval, encoder, retrieval, reranker)

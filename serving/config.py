@@ -19,38 +19,48 @@ from serving.history import HistoryConfig
 from serving.validation import Limits
 
 SERVE_CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")  # the one Serve config
-# Where the MMR re-ranker runs: inside the retrieval replica (a function call) or as its own deployment (a hop).
+# Topology. Where retrieval runs: inside the ingress replica (a function call) or as its own deployment (a hop);
+# where the MMR re-ranker runs: inside retrieval (a function call) or as its own deployment (a hop).
+RETRIEVAL_IN_INGRESS = "ingress"
 RERANK_IN_RETRIEVAL = "retrieval"
-RERANK_OWN_DEPLOYMENT = "deployment"
+OWN_DEPLOYMENT = "deployment"
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+# Downstream batching: calls from the ingress each carry a whole Rank batch (see serving/batching.py), and
+# `@serve.batch` merges calls that arrive within batch_wait_timeout_s of each other, a delay every call then
+# pays; hence 0. Batch sizes count histories or queries and must hold one ingress batch.
+
+
 class EncoderArgs(Section):
-    # @serve.batch: a batch runs when it holds max_batch_size requests or batch_wait_timeout_s after its first.
-    # The deployment's max_ongoing_requests caps what a batch can collect.
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=1.0)
+    max_batch_size: int = Field(64, ge=1)  # >= ingress.max_batch_size: one ingress batch always fits
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class RetrievalArgs(Section):
+    placement: Literal["ingress", "deployment"] = RETRIEVAL_IN_INGRESS
     ef: int | None = Field(None, ge=1)  # hnswlib query beam; None = the artifact's ef_search (manifest)
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.001, ge=0.0, le=1.0)
+    max_batch_size: int = Field(64, ge=1)  # own deployment only; >= ingress.max_batch_size
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class RerankArgs(Section):
     placement: Literal["retrieval", "deployment"] = RERANK_IN_RETRIEVAL
-    max_batch_size: int = Field(16, ge=1)  # batching applies when the re-ranker is its own deployment
-    batch_wait_timeout_s: float = Field(0.001, ge=0.0, le=1.0)
+    max_batch_size: int = Field(64, ge=1)  # its own deployment only; >= ingress.max_batch_size
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class IngressArgs(Section):
     # A user with neither stored history nor inline events gets the artifact's most popular items minus the
     # exclusions (history_source FALLBACK) under "popular", NOT_FOUND naming user_id under "not_found".
     cold_start: Literal["popular", "not_found"] = "popular"
+    # Concurrent Rank requests share one encoder call and one retrieval call per batch (serving/batching.py):
+    # a batch starts when one of max_concurrent_batches slots is free, with what queued meanwhile.
+    max_batch_size: int = Field(16, ge=1)
+    max_concurrent_batches: int = Field(2, ge=1)
     limits: Limits = Limits()
     history: HistoryConfig = HistoryConfig()
 

@@ -21,16 +21,18 @@ from pydantic import ValidationError
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from serving.config import RERANK_OWN_DEPLOYMENT, SERVE_CONFIG_PATH, AppArgs, ModelUserConfig
+from serving.config import OWN_DEPLOYMENT, SERVE_CONFIG_PATH, AppArgs, ModelUserConfig
 from serving.history import SQLITE_URL_PREFIX
 from training.artifact import load_artifact
 
 logger = logging.getLogger(__name__)
 
 INGRESS_DEPLOYMENT = "RankingIngress"
-MODEL_DEPLOYMENTS = (INGRESS_DEPLOYMENT, "Encoder", "Retrieval")  # each loads the artifact in `reconfigure`
-BATCHED_DEPLOYMENTS = {"Encoder": "encoder", "Retrieval": "retrieval", "Reranker": "rerank"}  # -> args section
+ENCODER_DEPLOYMENT = "Encoder"
+RETRIEVAL_DEPLOYMENT = "Retrieval"
 RERANKER_DEPLOYMENT = "Reranker"
+MODEL_DEPLOYMENTS = (INGRESS_DEPLOYMENT, ENCODER_DEPLOYMENT, RETRIEVAL_DEPLOYMENT)  # these load the artifact
+DOWNSTREAM_BATCH_SECTIONS = ("encoder", "retrieval", "rerank")  # args sections with a max_batch_size
 RUNNING, DEPLOY_FAILED = "RUNNING", "DEPLOY_FAILED"
 POLL_INTERVAL_S = 0.5
 
@@ -112,14 +114,13 @@ def preflight(config: dict) -> AppArgs:
     except ValidationError as error:
         raise ConfigError(f"applications[0].args: {error}") from None
     deployments = {d["name"]: d for d in app.get("deployments", [])}
-    bound = set(MODEL_DEPLOYMENTS)
-    if args.rerank.placement == RERANK_OWN_DEPLOYMENT:
-        bound.add(RERANKER_DEPLOYMENT)
-    for name in deployments.keys() - bound:
-        raise ConfigError(f"deployments[{name}]: not part of the app with rerank.placement "
-                          f"{args.rerank.placement!r} (deployments: {sorted(bound)})")
+    bound = bound_deployments(args)
+    for name in deployments.keys() - set(bound):
+        raise ConfigError(f"deployments[{name}]: not part of the app with retrieval.placement "
+                          f"{args.retrieval.placement!r} and rerank.placement {args.rerank.placement!r} "
+                          f"(deployments: {list(bound)})")
     artifact_paths = set()
-    for name in MODEL_DEPLOYMENTS:
+    for name in (n for n in bound if n in MODEL_DEPLOYMENTS):
         try:
             artifact_paths.add(ModelUserConfig.parse(deployments.get(name, {}).get("user_config")).artifact_path)
         except (ValidationError, ValueError) as error:
@@ -128,13 +129,27 @@ def preflight(config: dict) -> AppArgs:
         raise ConfigError(f"user_config.artifact_path: the model deployments must name one artifact, got "
                           f"{sorted(artifact_paths)}")
     load_artifact(artifact_paths.pop())  # ArtifactError names the missing or corrupted file
-    for name, section in BATCHED_DEPLOYMENTS.items():
-        limit = deployments.get(name, {}).get("max_ongoing_requests")
+    ingress_batch = args.ingress.max_batch_size
+    ingress_limit = deployments.get(INGRESS_DEPLOYMENT, {}).get("max_ongoing_requests")
+    if ingress_limit is not None and ingress_limit < ingress_batch:
+        raise ConfigError(f"deployments[{INGRESS_DEPLOYMENT}].max_ongoing_requests: {ingress_limit} caps Rank "
+                          f"batches below args.ingress.max_batch_size={ingress_batch}; raise it")
+    for section in DOWNSTREAM_BATCH_SECTIONS:  # their calls carry whole ingress batches
         batch = getattr(args, section).max_batch_size
-        if limit is not None and limit < batch:
-            raise ConfigError(f"deployments[{name}].max_ongoing_requests: {limit} caps batches below "
-                              f"args.{section}.max_batch_size={batch}; raise it to at least {batch}")
+        if batch < ingress_batch:  # Serve refuses a call holding more items than a batch
+            raise ConfigError(f"args.{section}.max_batch_size: {batch} is below args.ingress.max_batch_size="
+                              f"{ingress_batch}, so one ingress batch would not fit")
     return args
+
+
+def bound_deployments(args: AppArgs) -> tuple[str, ...]:
+    """The deployments build_app binds for these args (the topology)."""
+    names = [INGRESS_DEPLOYMENT, ENCODER_DEPLOYMENT]
+    if args.retrieval.placement == OWN_DEPLOYMENT:
+        names.append(RETRIEVAL_DEPLOYMENT)
+    if args.rerank.placement == OWN_DEPLOYMENT:
+        names.append(RERANKER_DEPLOYMENT)
+    return tuple(names)
 
 
 def start_local(config: dict, args: AppArgs, num_cpus: float | None = None, log_to_driver: bool = True) -> str:

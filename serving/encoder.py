@@ -1,5 +1,7 @@
 """The encoder deployment: histories of concurrent requests become user vectors in one batched forward pass.
 
+Each call carries the histories of one ingress batch; `@serve.batch` merges calls that arrive together.
+
 The model and the history -> vector step come from training/model.py (`load_encoder`, `encode_histories`),
 so padding and truncation to the model's max_len are the trained ones. A replica given a GPU (`num_gpus` in
 the Serve config) runs on it under bf16 autocast; otherwise on CPU with as many torch threads as it has CPUs.
@@ -16,12 +18,13 @@ import ray
 import torch
 from ray import serve
 
+from serving.batching import count_items, flatten, group_by_model, split
 from serving.catalogue import Catalogue
 from serving.config import EncoderArgs
 from serving.errors import Unavailable
 from serving.messages import EncodedUser, EncodeRequest
 from serving.metrics import STAGE_ENCODE, ServingMetrics
-from serving.reload import ModelSlot, group_by_model
+from serving.reload import ModelSlot
 from training.artifact import Artifact
 from training.model import SequenceEncoder, encode_histories, load_encoder
 
@@ -86,17 +89,23 @@ class Encoder:
     def check_health(self) -> None:
         self._models.loaded  # raises until an artifact is loaded
 
-    async def encode(self, request: EncodeRequest) -> EncodedUser:
-        """The user vector of `request.history` under the requested (or current) model version."""
-        loaded = self._models.resolve(request.model_version)  # checks run before batching
+    async def encode(self, requests: list[EncodeRequest]) -> list[EncodedUser]:
+        """User vectors of the requests' histories, each under its requested (or the current) model version."""
+        prepared = [self._prepare(request) for request in requests]  # every check runs before batching
+        vectors = await self._encode_batch(prepared)
+        return [EncodedUser(user_vector=vector, model_version=p.loaded.model_version)
+                for vector, p in zip(vectors, prepared)]
+
+    def _prepare(self, request: EncodeRequest) -> _Prepared:
+        loaded = self._models.resolve(request.model_version)
         items, behaviors = loaded.catalogue.history_indices(request.history)
         if items.size == 0:  # only mid-rollout: the ingress checked the history against its own version
             raise Unavailable("model_version", f"{loaded.model_version} knows none of the history's items")
-        user_vector = await self._encode_batch(_Prepared(loaded, items, behaviors))
-        return EncodedUser(user_vector=user_vector, model_version=loaded.model_version)
+        return _Prepared(loaded, items, behaviors)
 
-    @serve.batch
-    async def _encode_batch(self, batch: list[_Prepared]) -> list[np.ndarray]:
+    @serve.batch(batch_size_fn=count_items)
+    async def _encode_batch(self, calls: list[list[_Prepared]]) -> list[list[np.ndarray]]:
+        batch = flatten(calls)
         self._metrics.observe_batch(STAGE_ENCODE, len(batch))
         vectors: list[np.ndarray] = [None] * len(batch)  # type: ignore[list-item]
         for loaded, positions in group_by_model(batch, lambda prepared: prepared.loaded):
@@ -111,4 +120,4 @@ class Encoder:
             )  # (b, D) float32
             for row, position in enumerate(positions):
                 vectors[position] = user_vectors[row]
-        return vectors
+        return split(vectors, calls)

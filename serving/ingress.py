@@ -1,9 +1,10 @@
 """The gRPC ingress: RankingService and grpc.health.v1 Check; each RPC validates, orchestrates and converts.
 
 Rank: validate (serving/validation.py) -> history (inline events, else the store) -> encode (encoder
-deployment) -> retrieve and re-rank (retrieval deployment; or retrieval, then the re-ranker deployment) ->
-RankResponse. A user without usable history gets the cold-start list (`ingress.cold_start`). Domain errors,
-here or in a downstream replica, become status codes in one place: `rpc_method` (serving/errors.py).
+deployment) -> retrieve and re-rank (in this replica by default; or the retrieval and re-ranker deployments)
+-> RankResponse. Validated requests that arrive together share a batch: one encoder call and one retrieval call
+per batch, not per request. A user without usable history gets the cold-start list (`ingress.cold_start`).
+Domain errors, here or in a downstream replica, become status codes in one place: `rpc_method`.
 """
 
 from __future__ import annotations
@@ -22,17 +23,21 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving import health
+from serving.batching import SlotBatcher
 from serving.catalogue import Catalogue, History
-from serving.config import IngressArgs
+from serving.config import IngressArgs, RetrievalArgs
 from serving.errors import NotFound, RpcHooks, rpc_method
 from serving.generated.seqrank.v1 import ranking_pb2
 from serving.history import Event, StoredEvent, open_history_store, resolve_history_url
-from serving.messages import EncodeRequest, RankedItem, RankedList, RerankRequest, RetrievalRequest
+from serving.messages import (
+    CandidateSet, EncodedUser, EncodeRequest, RankedItem, RankedList, RerankRequest, RetrievalRequest,
+)
 from serving.metrics import (
-    STAGE_ENCODE, STAGE_FALLBACK, STAGE_HISTORY, STAGE_RERANK, STAGE_RETRIEVE, STAGE_TOTAL, ServingMetrics,
+    STAGE_ENCODE, STAGE_FALLBACK, STAGE_HISTORY, STAGE_RANK, STAGE_RERANK, STAGE_RETRIEVE, STAGE_TOTAL,
+    ServingMetrics,
 )
 from serving.reload import ModelSlot, VersionUnavailable
-from serving.retrieval import popular_candidates
+from serving.retrieval import RetrievalStage, popular_candidates, rerank_all
 from serving.validation import RankQuery, validate_record_events_request, validate_rank_request
 
 logger = logging.getLogger(f"ray.serve.{__name__}")
@@ -57,6 +62,10 @@ class StageClock:
         self.stages.append((stage, ms))
         self.metrics.observe_stage(stage, ms)
 
+    def extend(self, stages: Sequence[tuple[str, float]]) -> None:
+        for stage, ms in stages:
+            self.add(stage, ms)
+
     def run(self, stage: str, function: Callable[..., T], *args) -> T:
         started = time.perf_counter()
         try:
@@ -79,6 +88,29 @@ class StageClock:
 class UserHistory:
     history: History
     source: int  # ranking_pb2.HistorySource
+
+
+@dataclass(frozen=True)
+class RankWork:
+    """A validated Rank with its history, waiting for the model stages."""
+
+    query: RankQuery
+    history: History
+    exclude_item_ids: tuple[str, ...]  # raw ids of the known excluded items
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    ranked: RankedList
+    stages: tuple[tuple[str, float], ...]  # (stage, ms) of the batch the request rode in
+
+
+async def timed(stages: list[tuple[str, float]], stage: str, awaitable: Awaitable[T]) -> T:
+    started = time.perf_counter()
+    try:
+        return await awaitable
+    finally:
+        stages.append((stage, (time.perf_counter() - started) * 1000.0))
 
 
 def history_of(events: Sequence[Event] | Sequence[StoredEvent]) -> History:
@@ -139,18 +171,49 @@ def model_info(catalogue: Catalogue) -> ranking_pb2.GetModelInfoResponse:
     )
 
 
+class LocalRetrieval:
+    """Retrieval inside the ingress replica (retrieval.placement: ingress): a function call per batch."""
+
+    def __init__(self, stage: RetrievalStage) -> None:
+        self._stage = stage
+
+    async def rank(self, requests: list[RetrievalRequest]) -> list[RankedList]:
+        return rerank_all(self._stage.retrieve(requests), requests)
+
+    async def retrieve(self, requests: list[RetrievalRequest]) -> list[CandidateSet]:
+        return self._stage.retrieve(requests)
+
+
+class RemoteRetrieval:
+    """The Retrieval deployment (retrieval.placement: deployment): one call per batch."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def rank(self, requests: list[RetrievalRequest]) -> list[RankedList]:
+        return await self._handle.rank.remote(requests)
+
+    async def retrieve(self, requests: list[RetrievalRequest]) -> list[CandidateSet]:
+        return await self._handle.retrieve.remote(requests)
+
+
 @serve.deployment(max_ongoing_requests=100)
 class RankingIngress:
     def __init__(
         self,
         args: IngressArgs,
+        retrieval_args: RetrievalArgs,
         encoder: DeploymentHandle,
-        retrieval: DeploymentHandle,
-        reranker: DeploymentHandle | None,  # None: retrieval re-ranks in its own replica
+        retrieval: DeploymentHandle | None,  # None: retrieval runs in this replica
+        reranker: DeploymentHandle | None,  # None: retrieval re-ranks
     ) -> None:
         self._args = args
-        self._encoder, self._retrieval, self._reranker = encoder, retrieval, reranker
         self._metrics = ServingMetrics()
+        self._encoder, self._reranker = encoder, reranker
+        self._local_retrieval = None if retrieval is not None else RetrievalStage(
+            retrieval_args, self._metrics, "ingress retrieval"
+        )
+        self._retrieval = RemoteRetrieval(retrieval) if retrieval is not None else LocalRetrieval(self._local_retrieval)
         self.rpc_hooks = RpcHooks(observe=self._metrics.observe_rpc)  # read by rpc_method
         # The replica is this setting's process edge: an `env:NAME` url (a Kubernetes Secret) is resolved here,
         # so the secret never enters the Serve config or the bound deployment arguments.
@@ -158,12 +221,19 @@ class RankingIngress:
         self._catalogues: ModelSlot[Catalogue] = ModelSlot(
             "ingress", Catalogue.from_artifact, self._metrics.observe_reload
         )
+        self._batcher = SlotBatcher(self._rank_batch, args.max_batch_size, args.max_concurrent_batches)
 
     def reconfigure(self, user_config: dict) -> None:
-        self._catalogues.reload(user_config)  # sync: Serve runs it in a worker thread while requests continue
+        # Sync: Serve runs it in a worker thread while requests continue. Each slot keeps its old version if its
+        # reload fails; the version protocol (serving/reload.py) keeps requests consistent either way.
+        if self._local_retrieval is not None:
+            self._local_retrieval.models.reload(user_config)
+        self._catalogues.reload(user_config)
 
     def check_health(self) -> None:
-        self._catalogues.loaded  # raises until an artifact is loaded
+        self._catalogues.loaded  # raise until an artifact is loaded
+        if self._local_retrieval is not None:
+            self._local_retrieval.models.loaded
 
     def __del__(self) -> None:
         store = getattr(self, "_store", None)  # absent when __init__ failed
@@ -179,7 +249,10 @@ class RankingIngress:
         if user.source == ranking_pb2.HISTORY_SOURCE_FALLBACK:
             ranked = clock.run(STAGE_FALLBACK, fallback_list, catalogue, query)
         else:
-            ranked = await self._encode_and_rank(query, user.history, catalogue, clock)
+            excluded_ids = tuple(catalogue.item_ids[sorted(query.exclude_item_indices)])
+            outcome = await self._batcher.submit(RankWork(query, user.history, excluded_ids))
+            clock.extend(outcome.stages)
+            ranked = outcome.ranked
         response = rank_response(ranked, query.request_id or uuid.uuid4().hex, user.source, clock)
         logger.debug("Rank %s user %r: %s, %d items, %.1f ms", response.request_id, query.user_id,
                      ranked.model_version, len(ranked.items), response.timings[-1].ms)
@@ -219,27 +292,32 @@ class RankingIngress:
         self._metrics.observe_history(HISTORY_SOURCE_NAMES[source], len(history))
         return UserHistory(history, source)
 
-    async def _encode_and_rank(
-        self, query: RankQuery, history: History, catalogue: Catalogue, clock: StageClock
-    ) -> RankedList:
-        encode = EncodeRequest(history)
-        encoded = await clock.time(STAGE_ENCODE, self._encoder.encode.remote(encode))
-        excluded_ids = tuple(catalogue.item_ids[sorted(query.exclude_item_indices)])
-        request = RetrievalRequest(user=encoded, history=history, exclude_item_ids=excluded_ids,
-                                   exclude_seen=query.exclude_seen, num_candidates=query.num_candidates,
-                                   k=query.k, diversity=query.diversity)
+    async def _rank_batch(self, works: list[RankWork]) -> list[RankOutcome]:
+        """Encode and retrieve for a batch of validated requests; an error fails the batch (downstream only)."""
+        self._metrics.observe_batch(STAGE_RANK, len(works))
+        stages: list[tuple[str, float]] = []
+        encode = [EncodeRequest(work.history) for work in works]
+        encoded = await timed(stages, STAGE_ENCODE, self._encoder.encode.remote(encode))
         try:
-            ranked = await clock.time(STAGE_RETRIEVE, self._retrieve(request))
+            ranked = await timed(stages, STAGE_RETRIEVE, self._retrieve(works, encoded))
         except VersionUnavailable as error:  # mid-rollout: the encoder reloaded before retrieval did
-            self._metrics.observe_version_retry()
-            encode = replace(encode, model_version=error.held[0])  # the newest version retrieval holds
-            encoded = await clock.time(STAGE_ENCODE, self._encoder.encode.remote(encode))
-            ranked = await clock.time(STAGE_RETRIEVE, self._retrieve(replace(request, user=encoded)))
-        clock.add(STAGE_RERANK, ranked.rerank_ms)
-        return ranked
+            self._metrics.observe_version_retry(len(works))
+            encode = [replace(request, model_version=error.held[0]) for request in encode]  # retrieval's newest
+            encoded = await timed(stages, STAGE_ENCODE, self._encoder.encode.remote(encode))
+            ranked = await timed(stages, STAGE_RETRIEVE, self._retrieve(works, encoded))
+        return [RankOutcome(item, (*stages, (STAGE_RERANK, item.rerank_ms))) for item in ranked]
 
-    async def _retrieve(self, request: RetrievalRequest) -> RankedList:
+    async def _retrieve(self, works: list[RankWork], encoded: list[EncodedUser]) -> list[RankedList]:
+        requests = [
+            RetrievalRequest(user=user, history=work.history, exclude_item_ids=work.exclude_item_ids,
+                             exclude_seen=work.query.exclude_seen, num_candidates=work.query.num_candidates,
+                             k=work.query.k, diversity=work.query.diversity)
+            for work, user in zip(works, encoded)
+        ]
         if self._reranker is None:
-            return await self._retrieval.rank.remote(request)
-        candidates = await self._retrieval.retrieve.remote(request)
-        return await self._reranker.rerank.remote(RerankRequest(candidates, request.k, request.diversity))
+            return await self._retrieval.rank(requests)
+        candidate_sets = await self._retrieval.retrieve(requests)
+        return await self._reranker.rerank.remote([
+            RerankRequest(candidates, request.k, request.diversity)
+            for candidates, request in zip(candidate_sets, requests)
+        ])

@@ -21,6 +21,7 @@ BATCH_SIZE_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128)
 COUNT_BOUNDARIES = (1, 5, 10, 20, 50, 100, 200, 500, 1000)  # Ray wants positive bounds; le=1 holds 0 too
 
 # Rank stages, in execution order; also the names in RankResponse.timings (plus "total").
+STAGE_RANK = "rank"  # the ingress's batch of validated Rank requests (batch sizes only)
 STAGE_HISTORY = "history"
 STAGE_ENCODE = "encode"
 STAGE_RETRIEVE = "retrieve"
@@ -58,7 +59,8 @@ STAGE_LATENCY = MetricSpec(
     ("stage",), LATENCY_MS_BOUNDARIES,
 )
 BATCH_SIZE = MetricSpec(
-    "seqrank_batch_size", "histogram", "Requests per executed @serve.batch call, by stage (encode, retrieve, rerank).",
+    "seqrank_batch_size", "histogram",
+    "Requests per executed @serve.batch call, by stage (rank: the ingress's batch; encode, retrieve, rerank).",
     ("stage",), BATCH_SIZE_BOUNDARIES,
 )
 CANDIDATES = MetricSpec(
@@ -123,8 +125,8 @@ class ServingMetrics:
     def observe_history(self, source: str, length: int) -> None:
         self._metrics[HISTORY_LENGTH.name].observe(length, tags={"source": source})
 
-    def observe_version_retry(self) -> None:
-        self._metrics[VERSION_RETRIES.name].inc()
+    def observe_version_retry(self, num_requests: int) -> None:
+        self._metrics[VERSION_RETRIES.name].inc(num_requests)
 
     def observe_reload(self, outcome: str, old_version: str | None, new_version: str | None) -> None:
         self._metrics[RELOADS.name].inc(tags={"outcome": outcome})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Generic, Mapping, Protocol, TypeVar
 
 from serving.config import ModelUserConfig
 from serving.errors import Unavailable
@@ -129,14 +129,3 @@ class ModelSlot(Generic[ModelT]):
         if self._on_reload is not None:
             self._on_reload(outcome, old_version, new_version)
 
-
-ItemT = TypeVar("ItemT")
-
-
-def group_by_model(items: Sequence[ItemT], model_of: Callable[[ItemT], ModelT]) -> list[tuple[ModelT, list[int]]]:
-    """Positions of a batch's items per model version, first-seen order; a batch mixes versions only mid-reload."""
-    groups: dict[str, tuple[ModelT, list[int]]] = {}
-    for position, item in enumerate(items):
-        model = model_of(item)
-        groups.setdefault(model.model_version, (model, []))[1].append(position)
-    return list(groups.values())

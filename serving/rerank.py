@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 
+from serving.batching import count_items, flatten, split
 from serving.config import RerankArgs
 from serving.messages import CandidateSet, RankedItem, RankedList, RerankRequest
 from serving.metrics import STAGE_RERANK, ServingMetrics
@@ -134,11 +135,12 @@ class Reranker:
         self._rerank_batch.set_max_batch_size(args.max_batch_size)
         self._rerank_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
-    async def rerank(self, request: RerankRequest) -> RankedList:
-        return await self._rerank_batch(request)
+    async def rerank(self, requests: list[RerankRequest]) -> list[RankedList]:
+        return await self._rerank_batch(requests)
 
-    @serve.batch
-    async def _rerank_batch(self, requests: list[RerankRequest]) -> list[RankedList]:
+    @serve.batch(batch_size_fn=count_items)
+    async def _rerank_batch(self, calls: list[list[RerankRequest]]) -> list[list[RankedList]]:
         # Requests were validated by the ingress: nothing here raises for one request and fails the batch.
+        requests = flatten(calls)
         self._metrics.observe_batch(STAGE_RERANK, len(requests))
-        return [rerank(request.candidates, request.k, request.diversity) for request in requests]
+        return split([rerank(request.candidates, request.k, request.diversity) for request in requests], calls)

@@ -14,11 +14,12 @@ from typing import AbstractSet
 import numpy as np
 from ray import serve
 
-from serving.catalogue import Catalogue
+from serving.batching import count_items, flatten, group_by_model, split
+from serving.catalogue import Catalogue, History
 from serving.config import RetrievalArgs
 from serving.messages import CandidateSet, RankedList, RetrievalRequest
 from serving.metrics import STAGE_RETRIEVE, ServingMetrics
-from serving.reload import ModelSlot, group_by_model
+from serving.reload import ModelSlot
 from serving.rerank import rerank
 from training.artifact import Artifact
 
@@ -109,56 +110,44 @@ class LoadedIndex:
 
 @dataclass(frozen=True)
 class _Search:
+    """One request's query, ready for the batched index search."""
+
     loaded: LoadedIndex
     user_vector: np.ndarray  # (D,)
-    fetch: int
+    fetch: int  # neighbours to ask for so that num_candidates survive the exclusions
+    excluded: np.ndarray  # (E,) distinct item indices
+    num_candidates: int
+    history: History  # the events this version knows
+    history_items: np.ndarray  # (H,) their item indices
 
 
-@serve.deployment(max_ongoing_requests=64)
-class Retrieval:
-    """hnswlib search with exclusions; `rank` also re-ranks (default topology), `retrieve` stops at candidates."""
+class RetrievalStage:
+    """Retrieval for one replica, wherever it runs: the versioned index, exclusions, one knn_query per batch.
 
-    def __init__(self, args: RetrievalArgs) -> None:
-        self._args = args
-        self._metrics = ServingMetrics()
-        self._models: ModelSlot[LoadedIndex] = ModelSlot(
-            "retrieval", lambda artifact: LoadedIndex.from_artifact(artifact, args.ef), self._metrics.observe_reload
+    The Retrieval deployment wraps it; with `retrieval.placement: ingress` the ingress holds one itself.
+    `prepare` does every per-request check, so the batched `search` only sees valid queries.
+    """
+
+    def __init__(self, args: RetrievalArgs, metrics: ServingMetrics, owner: str = "retrieval") -> None:
+        self._metrics = metrics
+        self.models: ModelSlot[LoadedIndex] = ModelSlot(
+            owner, lambda artifact: LoadedIndex.from_artifact(artifact, args.ef), metrics.observe_reload
         )
-        self._search_batch.set_max_batch_size(args.max_batch_size)
-        self._search_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
-    def reconfigure(self, user_config: dict) -> None:
-        self._models.reload(user_config)  # sync: Serve runs it in a worker thread while requests continue
-
-    def check_health(self) -> None:
-        self._models.loaded  # raises until an artifact is loaded
-
-    async def rank(self, request: RetrievalRequest) -> RankedList:
-        candidates = await self.retrieve(request)
-        return rerank(candidates, request.k, request.diversity)
-
-    async def retrieve(self, request: RetrievalRequest) -> CandidateSet:
-        loaded = self._models.resolve(request.user.model_version)  # VersionUnavailable before batching
+    def prepare(self, request: RetrievalRequest) -> _Search:
+        """Resolves the model version (VersionUnavailable) and the exclusions; sizes the over-fetch."""
+        loaded = self.models.resolve(request.user.model_version)
         catalogue = loaded.catalogue
         history = catalogue.restrict(request.history)
         history_items, _ = catalogue.history_indices(history)
         seen = history_items if request.exclude_seen else None
         excluded = excluded_indices(catalogue, request.exclude_item_ids, seen)
         fetch = fetch_size(request.num_candidates, len(excluded), catalogue.num_items)
-        labels, scores = await self._search_batch(_Search(loaded, request.user.user_vector, fetch))
-        candidates = filter_candidates(labels, scores, excluded, request.num_candidates)
-        self._metrics.observe_retrieval(len(candidates.item_indices), int(np.isin(labels, excluded).sum()))
-        return CandidateSet(
-            model_version=loaded.model_version,
-            item_ids=catalogue.item_ids[candidates.item_indices],
-            relevance=candidates.scores,
-            item_vectors=loaded.item_vectors[candidates.item_indices],
-            history=history,
-            history_vectors=loaded.item_vectors[history_items],
-        )
+        return _Search(loaded, request.user.user_vector, fetch, excluded, request.num_candidates, history,
+                       history_items)
 
-    @serve.batch
-    async def _search_batch(self, searches: list[_Search]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def search(self, searches: list[_Search]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(labels, inner products) per query, best first: one knn_query per model version in the batch."""
         self._metrics.observe_batch(STAGE_RETRIEVE, len(searches))
         results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(searches)  # type: ignore[list-item]
         for loaded, positions in group_by_model(searches, lambda search: search.loaded):
@@ -170,3 +159,55 @@ class Retrieval:
                 own = searches[position].fetch  # a longer beam's first `own` results are at least as good
                 results[position] = (labels[row, :own].astype(np.int64), scores[row, :own])
         return results
+
+    def candidates(self, search: _Search, labels: np.ndarray, scores: np.ndarray) -> CandidateSet:
+        loaded = search.loaded
+        candidates = filter_candidates(labels, scores, search.excluded, search.num_candidates)
+        self._metrics.observe_retrieval(len(candidates.item_indices), int(np.isin(labels, search.excluded).sum()))
+        return CandidateSet(
+            model_version=loaded.model_version,
+            item_ids=loaded.catalogue.item_ids[candidates.item_indices],
+            relevance=candidates.scores,
+            item_vectors=loaded.item_vectors[candidates.item_indices],
+            history=search.history,
+            history_vectors=loaded.item_vectors[search.history_items],
+        )
+
+    def retrieve(self, requests: list[RetrievalRequest]) -> list[CandidateSet]:
+        """prepare, search and filter in one go: for a caller that already holds the whole batch."""
+        searches = [self.prepare(request) for request in requests]
+        results = self.search(searches)
+        return [self.candidates(search, labels, scores) for search, (labels, scores) in zip(searches, results)]
+
+
+def rerank_all(candidate_sets: list[CandidateSet], requests: list[RetrievalRequest]) -> list[RankedList]:
+    return [rerank(candidates, request.k, request.diversity) for candidates, request in zip(candidate_sets, requests)]
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Retrieval:
+    """The retrieval stage as its own deployment (`retrieval.placement: deployment`); `rank` also re-ranks
+    (rerank.placement: retrieval), `retrieve` stops at candidates for the Reranker deployment."""
+
+    def __init__(self, args: RetrievalArgs) -> None:
+        self._stage = RetrievalStage(args, ServingMetrics())
+        self._search_batch.set_max_batch_size(args.max_batch_size)
+        self._search_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self._stage.models.reload(user_config)  # sync: Serve runs it in a worker thread while requests continue
+
+    def check_health(self) -> None:
+        self._stage.models.loaded  # raises until an artifact is loaded
+
+    async def rank(self, requests: list[RetrievalRequest]) -> list[RankedList]:
+        return rerank_all(await self.retrieve(requests), requests)
+
+    async def retrieve(self, requests: list[RetrievalRequest]) -> list[CandidateSet]:
+        searches = [self._stage.prepare(request) for request in requests]  # VersionUnavailable before batching
+        results = await self._search_batch(searches)
+        return [self._stage.candidates(search, labels, scores) for search, (labels, scores) in zip(searches, results)]
+
+    @serve.batch(batch_size_fn=count_items)
+    async def _search_batch(self, calls: list[list[_Search]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        return split(self._stage.search(flatten(calls)), calls)

@@ -3,6 +3,7 @@ info, and the Prometheus export."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import urllib.request
@@ -16,26 +17,10 @@ from serving.generated.seqrank.v1 import ranking_pb2 as pb
 from serving.history import Event
 from serving.messages import EncodeRequest
 from serving.metrics import ALL_METRICS, VERSION_RETRIES
-from training.export import exact_top_k
 from training.metrics import intra_list_diversity
-from training.model import encode_histories, load_encoder_dir
+from tests.e2e.helpers import exact_ranking, random_history, trained_user_vector
 
 METRICS_DEADLINE_S = 90.0  # Serve pushes replica metrics about every 10 s
-
-
-def random_history(item_ids, behavior_names, seed, length=12) -> list[Event]:
-    rng = np.random.default_rng(seed)
-    items = rng.choice(np.arange(1, len(item_ids)), size=length, replace=False)
-    behaviors = rng.choice(behavior_names, size=length)
-    return [Event(item_ids[i], str(b)) for i, b in zip(items, behaviors)]
-
-
-def trained_user_vector(tiny_run, manifest, item_ids, events) -> np.ndarray:
-    """The user vector as training computes it: the run's checkpoint and training.model.encode_histories."""
-    model = load_encoder_dir(tiny_run)
-    items = np.array([item_ids.index(e.raw_item_id) for e in events])
-    behaviors = np.array([manifest["behavior_names"].index(e.behavior) + 1 for e in events])
-    return encode_histories(model, [items], [behaviors])[0]
 
 
 def test_rank_returns_exactly_k_distinct_items_never_excluded_or_seen(client, manifest, item_ids):
@@ -55,9 +40,7 @@ def test_rank_returns_exactly_k_distinct_items_never_excluded_or_seen(client, ma
 def test_lambda_zero_equals_exact_dot_product_search(client, tiny_run, manifest, item_ids, item_vectors, seed):
     events = random_history(item_ids, manifest["behavior_names"], seed=seed)
     user_vector = trained_user_vector(tiny_run, manifest, item_ids, events)
-    order = exact_top_k(user_vector[None], item_vectors, len(item_ids) - 1)[0]  # every item, best first
-    seen = {item_ids.index(e.raw_item_id) for e in events}
-    expected = [item_ids[i] for i in order if i not in seen][:10]
+    expected = exact_ranking(user_vector, item_vectors, item_ids, events)[:10]
     response = client.rank(f"u-exact-{seed}", recent_events=events, k=10, diversity=0.0)
     assert [item.item_id for item in response.items] == expected
     relevance = [item.relevance for item in response.items]
@@ -71,7 +54,11 @@ def test_served_user_vector_equals_the_trained_one(service, tiny_run, manifest, 
     events = random_history(item_ids, manifest["behavior_names"], seed=6, length=60)  # longer than max_len
     encoder = serve.get_deployment_handle("Encoder", app_name=service.app_name)
     history = History(item_ids=tuple(e.raw_item_id for e in events), behaviors=tuple(e.behavior for e in events))
-    served = encoder.encode.remote(EncodeRequest(history)).result()
+
+    async def encode():  # inside a loop: handles may be bound to the caller's loop (RAY_SERVE_THROUGHPUT_OPTIMIZED)
+        return await encoder.encode.remote([EncodeRequest(history)])
+
+    (served,) = asyncio.run(encode())
     assert served.model_version == manifest["model_version"]
     np.testing.assert_allclose(served.user_vector, trained_user_vector(tiny_run, manifest, item_ids, events),
                                rtol=1e-5, atol=1e-6)

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.deploy import MODEL_DEPLOYMENTS, ConfigError, application, localize, preflight, read_serve_config
+from serving.deploy import (
+    MODEL_DEPLOYMENTS, ConfigError, application, bound_deployments, localize, preflight, read_serve_config,
+)
 from serving.health import HEALTH_SERVICER_FUNCTION
 from tests.serving.artifacts import write_small_artifact
 from training.artifact import ArtifactError
@@ -34,7 +36,7 @@ def test_committed_config_serves_both_grpc_services_with_a_route_prefix():
     app = application(config)
     assert app["route_prefix"] and app["import_path"] == "serving.app:build_app"
     by_name = deployments(config)
-    assert set(by_name) == set(MODEL_DEPLOYMENTS)
+    assert set(by_name) == {"RankingIngress", "Encoder"}  # retrieval and MMR run inside the ingress by default
     assert all(d["max_ongoing_requests"] > 5 and d["max_queued_requests"] > 0 for d in by_name.values())
     autoscaling = by_name["Encoder"]["autoscaling_config"]
     assert autoscaling["max_replicas"] >= autoscaling["min_replicas"] >= 1
@@ -50,7 +52,7 @@ def test_localize_points_every_model_deployment_at_one_absolute_artifact(tmp_pat
     before = copy.deepcopy(original)
     config = localize(original, artifact_path="relative/artifact", base_dir=tmp_path)
     assert original == before  # a copy is returned
-    for name in MODEL_DEPLOYMENTS:
+    for name in set(MODEL_DEPLOYMENTS) & set(deployments(config)):
         assert deployments(config)[name]["user_config"]["artifact_path"] == str(tmp_path / "relative" / "artifact")
     assert application(config)["args"]["ingress"]["history"]["url"] == f"sqlite:///{tmp_path}/seqrank-history.db"
     kept = localize(read_serve_config(), base_dir=tmp_path)  # no override: the config's own path, made absolute
@@ -86,7 +88,7 @@ def test_unknown_app_args_are_refused(config):
 
 
 def test_model_deployments_must_name_the_same_artifact(config, tmp_path):
-    deployments(config)["Retrieval"]["user_config"]["artifact_path"] = str(tmp_path / "other")
+    deployments(config)["Encoder"]["user_config"]["artifact_path"] = str(tmp_path / "other")
     with pytest.raises(ConfigError, match="one artifact"):
         preflight(config)
 
@@ -107,15 +109,30 @@ def test_corrupted_artifact_is_refused_before_submitting(config, artifact, tmp_p
         preflight(localize(config, artifact_path=corrupt))
 
 
-def test_reranker_deployment_entry_needs_the_deployment_placement(config):
+def test_topology_decides_which_deployments_the_config_may_list(config, artifact):
     application(config)["deployments"].append({"name": "Reranker", "max_ongoing_requests": 32})
     with pytest.raises(ConfigError, match=r"deployments\[Reranker\]"):
         preflight(config)
     application(config)["args"]["rerank"] = {"placement": "deployment"}
-    assert preflight(config).rerank.placement == "deployment"
+    assert bound_deployments(preflight(config)) == ("RankingIngress", "Encoder", "Reranker")
+    retrieval = {"name": "Retrieval", "max_ongoing_requests": 32}
+    application(config)["deployments"].append(retrieval)
+    with pytest.raises(ConfigError, match=r"deployments\[Retrieval\]"):
+        preflight(config)
+    application(config)["args"]["retrieval"]["placement"] = "deployment"
+    with pytest.raises(ConfigError, match=r"deployments\[Retrieval\].user_config"):  # it loads the artifact too
+        preflight(config)
+    retrieval["user_config"] = {"artifact_path": str(artifact)}
+    assert bound_deployments(preflight(config)) == ("RankingIngress", "Encoder", "Retrieval", "Reranker")
 
 
-def test_queue_limits_must_not_cap_batches(config):
-    deployments(config)["Encoder"]["max_ongoing_requests"] = 8  # below encoder.max_batch_size = 32
-    with pytest.raises(ConfigError, match=r"deployments\[Encoder\].max_ongoing_requests"):
+def test_ingress_queue_limit_must_not_cap_its_batches(config):
+    deployments(config)["RankingIngress"]["max_ongoing_requests"] = 8  # below ingress.max_batch_size = 16
+    with pytest.raises(ConfigError, match=r"deployments\[RankingIngress\].max_ongoing_requests"):
+        preflight(config)
+
+
+def test_an_ingress_batch_must_fit_every_downstream_batch(config):
+    application(config)["args"]["retrieval"]["max_batch_size"] = 8  # below ingress.max_batch_size = 16
+    with pytest.raises(ConfigError, match="args.retrieval.max_batch_size"):
         preflight(config)

@@ -82,7 +82,7 @@ import asyncio  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from serving.config import IngressArgs  # noqa: E402
+from serving.config import IngressArgs, RetrievalArgs  # noqa: E402
 from serving.history import HistoryConfig  # noqa: E402
 from serving.ingress import RankingIngress  # noqa: E402
 from serving.messages import CandidateSet, EncodedUser  # noqa: E402
@@ -123,15 +123,17 @@ class FakeEncoder:
     """Has already reloaded to v2 and still holds v1."""
 
     def __init__(self):
-        self.encode = Remote(lambda request: EncodedUser(np.ones(4, np.float32), request.model_version or "v2"))
+        self.encode = Remote(lambda requests: [
+            EncodedUser(np.ones(4, np.float32), request.model_version or "v2") for request in requests
+        ])
 
 
 class FakeRetrieval:
     """Still on v1 only: refuses v2 vectors the way a real replica does mid-rollout."""
 
     def __init__(self):
-        self.rank = Remote(self._rank)
-        self.retrieve = Remote(self._retrieve)
+        self.rank = Remote(lambda requests: [self._rank(request) for request in requests])
+        self.retrieve = Remote(lambda requests: [self._retrieve(request) for request in requests])
 
     @staticmethod
     def _check(request):
@@ -150,22 +152,40 @@ class FakeRetrieval:
 
 class FakeReranker:
     def __init__(self):
-        self.rerank = Remote(lambda request: RankedList(request.candidates.model_version, (
-            RankedItem(str(request.candidates.item_ids[0]), 0.5, 2.0, "", ""),), rerank_ms=0.3))
+        self.rerank = Remote(lambda requests: [
+            RankedList(request.candidates.model_version,
+                       (RankedItem(str(request.candidates.item_ids[0]), 0.5, 2.0, "", ""),), rerank_ms=0.3)
+            for request in requests
+        ])
 
 
-def make_ingress(tmp_path, artifact_dir, reranker=None):
-    args = IngressArgs(history=HistoryConfig(url=f"sqlite:///{tmp_path / 'history.db'}"))
+def make_ingress(tmp_path, artifact_dir, reranker=None, max_concurrent_batches=2):
+    """An ingress whose retrieval is a (fake) deployment, as with retrieval.placement: deployment."""
+    args = IngressArgs(history=HistoryConfig(url=f"sqlite:///{tmp_path / 'history.db'}"),
+                       max_concurrent_batches=max_concurrent_batches)
     encoder, retrieval = FakeEncoder(), FakeRetrieval()
-    ingress = RankingIngress.func_or_class(args, encoder, retrieval, reranker)
+    ingress = RankingIngress.func_or_class(args, RetrievalArgs(placement="deployment"), encoder, retrieval, reranker)
     ingress.reconfigure({"artifact_path": str(artifact_dir)})
     return ingress, encoder, retrieval
 
 
 def rank(ingress, **fields):
-    context = FakeContext()
-    request = pb.RankRequest(user_id="u1", recent_events=[pb.Event(item_id="sku-1", behavior="pv")], **fields)
-    return asyncio.run(ingress.Rank(request, grpc_context=context)), context
+    return rank_many(ingress, [fields])[0]
+
+
+def rank_many(ingress, requests_fields):
+    """Concurrent Rank calls on one event loop, so they can share the ingress's batch."""
+
+    async def run():
+        calls = []
+        for fields in requests_fields:
+            context = FakeContext()
+            request = pb.RankRequest(user_id="u1", recent_events=[pb.Event(item_id="sku-1", behavior="pv")], **fields)
+            calls.append((ingress.Rank(request, grpc_context=context), context))
+        responses = await asyncio.gather(*(call for call, _ in calls))
+        return [(response, context) for response, (_, context) in zip(responses, calls)]
+
+    return asyncio.run(run())
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +197,20 @@ def test_encoder_ahead_of_retrieval_is_re_encoded_once_with_the_version_retrieva
     ingress, encoder, retrieval = make_ingress(tmp_path, artifact_dir)
     response, context = rank(ingress)
     assert context.code is None and response.model_version == "v1"
-    assert [call[0].model_version for call in encoder.encode.calls] == [None, "v1"]
-    assert [call[0].user.model_version for call in retrieval.rank.calls] == ["v2", "v1"]
+    assert [[r.model_version for r in call[0]] for call in encoder.encode.calls] == [[None], ["v1"]]
+    assert [[r.user.model_version for r in call[0]] for call in retrieval.rank.calls] == [["v2"], ["v1"]]
     assert [t.stage for t in response.timings] == ["history", "encode", "retrieve", "encode", "retrieve", "rerank",
                                                   "total"]
+
+
+def test_requests_arriving_while_a_batch_runs_share_one_call_per_stage(tmp_path, artifact_dir):
+    ingress, encoder, retrieval = make_ingress(tmp_path, artifact_dir, max_concurrent_batches=1)
+    results = rank_many(ingress, [{"k": 1}, {"k": 2}, {"k": 3}, {"k": 4}])
+    assert all(context.code is None for _, context in results)
+    # The first request finds the slot free and leaves alone; the other three queue behind it and leave together
+    # (each batch is tried with v2, refused by the v1-only retrieval, and re-encoded once).
+    assert [len(call[0]) for call in encoder.encode.calls] == [1, 1, 3, 3]
+    assert [[request.k for request in call[0]] for call in retrieval.rank.calls] == [[1], [1], [2, 3, 4], [2, 3, 4]]
 
 
 def test_own_reranker_deployment_receives_the_candidates(tmp_path, artifact_dir):
@@ -189,7 +219,7 @@ def test_own_reranker_deployment_receives_the_candidates(tmp_path, artifact_dir)
     response, context = rank(ingress, k=1, diversity=0.4)
     assert context.code is None and [item.item_id for item in response.items] == ["sku-9"]
     assert retrieval.rank.calls == [] and len(retrieval.retrieve.calls) == 2  # v2 refused, then v1
-    (request,), = reranker.rerank.calls
+    ((request,),), = reranker.rerank.calls
     assert (request.k, request.diversity, request.candidates.model_version) == (1, 0.4, "v1")
 
 
@@ -198,3 +228,20 @@ def test_validation_errors_never_reach_the_downstream_deployments(tmp_path, arti
     _, context = rank(ingress, k=0)
     assert context.code.name == "INVALID_ARGUMENT" and context.details.startswith("k: ")
     assert encoder.encode.calls == [] and retrieval.rank.calls == []
+
+
+def test_retrieval_inside_the_ingress_ranks_against_its_own_index(tmp_path, artifact_dir):
+    """The default topology: the ingress searches its own copy of the index; MMR at lambda 0 is exact top-k."""
+    user_vector = np.array([1.0, -0.5, 0.25, 2.0], np.float32)
+    encoder = FakeEncoder()
+    encoder.encode = Remote(lambda requests: [EncodedUser(user_vector, "small-v1") for _ in requests])
+    args = IngressArgs(history=HistoryConfig(url=f"sqlite:///{tmp_path / 'history.db'}"))
+    ingress = RankingIngress.func_or_class(args, RetrievalArgs(), encoder, None, None)
+    ingress.reconfigure({"artifact_path": str(artifact_dir)})
+    response, context = rank(ingress, k=5, diversity=0.0, exclude_item_ids=["sku-2"])
+    assert context.code is None and response.model_version == "small-v1"
+    item_vectors = np.load(artifact_dir / "item_vectors.npy")
+    order = [f"sku-{i}" for i in np.argsort(-(item_vectors[1:] @ user_vector)) + 1]
+    expected = [item for item in order if item not in ("sku-1", "sku-2")][:5]  # sku-1 is seen, sku-2 excluded
+    assert [item.item_id for item in response.items] == expected
+    assert all(item.because_item_id == "sku-1" for item in response.items)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from serving.errors import Unavailable
-from serving.reload import ModelSlot, VersionUnavailable, group_by_model
+from serving.reload import ModelSlot, VersionUnavailable
 from tests.serving.artifacts import write_small_artifact
 
 
@@ -92,9 +92,3 @@ def test_version_unavailable_survives_pickling_across_replicas():
     error = pickle.loads(pickle.dumps(VersionUnavailable("v9", ("v2", "v1"))))
     assert isinstance(error, Unavailable) and error.requested == "v9" and error.held == ("v2", "v1")
     assert str(error).startswith("model_version: 'v9' is not loaded")
-
-
-def test_group_by_model_keeps_first_seen_order():
-    a, b = Model("a", ""), Model("b", "")
-    groups = group_by_model([a, b, a, a, b], lambda model: model)
-    assert [(model.model_version, positions) for model, positions in groups] == [("a", [0, 2, 3]), ("b", [1, 4])]

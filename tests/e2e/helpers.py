@@ -1,0 +1,31 @@
+"""Histories and the reference rankings the end-to-end tests compare the service with (training code only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serving.history import Event
+from training.export import exact_top_k
+from training.model import encode_histories, load_encoder_dir
+
+
+def random_history(item_ids, behavior_names, seed, length=12) -> list[Event]:
+    rng = np.random.default_rng(seed)
+    items = rng.choice(np.arange(1, len(item_ids)), size=length, replace=False)
+    behaviors = rng.choice(behavior_names, size=length)
+    return [Event(item_ids[i], str(b)) for i, b in zip(items, behaviors)]
+
+
+def trained_user_vector(tiny_run, manifest, item_ids, events) -> np.ndarray:
+    """The user vector as training computes it: the run's checkpoint and training.model.encode_histories."""
+    model = load_encoder_dir(tiny_run)
+    items = np.array([item_ids.index(e.raw_item_id) for e in events])
+    behaviors = np.array([manifest["behavior_names"].index(e.behavior) + 1 for e in events])
+    return encode_histories(model, [items], [behaviors])[0]
+
+
+def exact_ranking(user_vector, item_vectors, item_ids, events) -> list[str]:
+    """Every item the history has not seen, by exact inner product, best first (raw ids)."""
+    order = exact_top_k(user_vector[None], item_vectors, len(item_ids) - 1)[0]
+    seen = {item_ids.index(e.raw_item_id) for e in events}
+    return [item_ids[i] for i in order if i not in seen]
