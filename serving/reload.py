@@ -128,4 +128,3 @@ class ModelSlot(Generic[ModelT]):
     def _notify(self, outcome: str, old_version: str | None, new_version: str | None) -> None:
         if self._on_reload is not None:
             self._on_reload(outcome, old_version, new_version)
-
