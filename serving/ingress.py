@@ -210,10 +210,12 @@ class RankingIngress:
         self._args = args
         self._metrics = ServingMetrics()
         self._encoder, self._reranker = encoder, reranker
-        self._local_retrieval = None if retrieval is not None else RetrievalStage(
-            retrieval_args, self._metrics, "ingress retrieval"
-        )
-        self._retrieval = RemoteRetrieval(retrieval) if retrieval is not None else LocalRetrieval(self._local_retrieval)
+        self._local_retrieval: RetrievalStage | None = None  # this replica's index, when retrieval runs here
+        if retrieval is None:
+            self._local_retrieval = RetrievalStage(retrieval_args, self._metrics, "ingress retrieval")
+            self._retrieval: LocalRetrieval | RemoteRetrieval = LocalRetrieval(self._local_retrieval)
+        else:
+            self._retrieval = RemoteRetrieval(retrieval)
         self.rpc_hooks = RpcHooks(observe=self._metrics.observe_rpc)  # read by rpc_method
         # The replica is this setting's process edge: an `env:NAME` url (a Kubernetes Secret) is resolved here,
         # so the secret never enters the Serve config or the bound deployment arguments.
