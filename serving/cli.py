@@ -166,6 +166,14 @@ def add_serving_commands(sub) -> None:
     client_arguments(record)
     record.set_defaults(func=cmd_record)
 
+    quickstart = sub.add_parser("quickstart", help="synthetic log → train → export → serve, then print ranked "
+                                                   "lists fetched over gRPC; stays up until Ctrl-C")
+    quickstart.add_argument("--out", default="runs/quickstart", help="working directory (default: %(default)s)")
+    quickstart.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML")
+    quickstart.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may schedule (default: all)")
+    quickstart.add_argument("--exit", action="store_true", help="stop after printing the lists")
+    quickstart.set_defaults(func=cmd_quickstart)
+
     info = sub.add_parser("info", help="the serving model: version, sizes, index, offline metrics")
     client_arguments(info)
     info.set_defaults(func=cmd_info)
@@ -178,6 +186,12 @@ def load_serve_config(args):
 
 
 def cmd_serve(args) -> int:
+    return serve_until_interrupted(load_serve_config(args), args.config, args.num_cpus)
+
+
+def serve_until_interrupted(config: dict, config_path: str, num_cpus: float | None = None, on_ready=None,
+                            stay_up: bool = True) -> int:
+    """Start local Ray + Serve, apply the config, call `on_ready(grpc_target)`, then wait for Ctrl-C."""
     import signal
     import time
 
@@ -186,18 +200,19 @@ def cmd_serve(args) -> int:
 
     from serving.deploy import application, apply, preflight, start_local
 
-    config = load_serve_config(args)
     app_args = preflight(config)  # before starting anything
-    dashboard_url = start_local(config, app_args, num_cpus=args.num_cpus)
+    dashboard_url = start_local(config, app_args, num_cpus=num_cpus)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM too
     try:
         print(f"deploying {application(config)['name']} (dashboard {dashboard_url}) ...", flush=True)
         apply(config, dashboard_url)
         grpc_port = config.get("grpc_options", {}).get("port", 9000)
         print(f"serving gRPC on 127.0.0.1:{grpc_port}, Prometheus metrics on "
-              f"http://127.0.0.1:{app_args.local.metrics_export_port}/metrics")
-        print(f"hot reload: seqrank deploy --config {args.config} --artifact NEW_ARTIFACT; Ctrl-C stops", flush=True)
-        while True:
+              f"http://127.0.0.1:{app_args.local.metrics_export_port}/metrics", flush=True)
+        if on_ready is not None:
+            on_ready(f"127.0.0.1:{grpc_port}")
+        print(f"hot reload: seqrank deploy --config {config_path} --artifact NEW_ARTIFACT; Ctrl-C stops", flush=True)
+        while stay_up:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("shutting down")
@@ -205,6 +220,19 @@ def cmd_serve(args) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def cmd_quickstart(args) -> int:
+    from serving.quickstart import prepare_artifact, show_ranked_lists
+    from serving.deploy import localize, read_serve_config
+
+    artifact, sample_histories = prepare_artifact(Path(args.out))
+    config = localize(read_serve_config(args.config), artifact_path=artifact)
+    history = config["applications"][0]["args"]["ingress"]["history"]
+    history["url"] = f"sqlite:///{(Path(args.out) / 'history.db').resolve()}"
+    return serve_until_interrupted(config, args.config, args.num_cpus,
+                                   on_ready=lambda target: show_ranked_lists(target, sample_histories),
+                                   stay_up=not args.exit)
 
 
 def cmd_deploy(args) -> int:
