@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ RERANKER_DEPLOYMENT = "Reranker"
 MODEL_DEPLOYMENTS = (INGRESS_DEPLOYMENT, ENCODER_DEPLOYMENT, RETRIEVAL_DEPLOYMENT)  # these load the artifact
 DOWNSTREAM_BATCH_SECTIONS = ("encoder", "retrieval", "rerank")  # args sections with a max_batch_size
 RUNNING, DEPLOY_FAILED = "RUNNING", "DEPLOY_FAILED"
+THROUGHPUT_OPTIMIZED_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"  # Ray Serve >= 2.55, documented for KubeRay
 POLL_INTERVAL_S = 0.5
 
 
@@ -159,6 +161,8 @@ def start_local(config: dict, args: AppArgs, num_cpus: float | None = None, log_
     from ray import serve
     from ray.serve.config import gRPCOptions
 
+    if args.local.throughput_optimized:  # read by every Ray process this call starts, so set before it
+        os.environ[THROUGHPUT_OPTIMIZED_ENV] = "1"
     context = ray.init(
         num_cpus=num_cpus,
         log_to_driver=log_to_driver,  # replica logs stay in Ray's session directory either way

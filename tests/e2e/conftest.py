@@ -3,8 +3,10 @@ applies it (Serve's REST API), on free ports, serving the session's tiny trained
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +49,19 @@ class Service:
 
 
 @pytest.fixture(scope="session")
-def service(tiny_artifact, tmp_path_factory):
+def driver_loop():
+    """An event loop for DeploymentHandle calls from the tests: alive until after Serve shuts down, since
+    handles may bind to the loop that first used them (Ray's throughput-optimized mode)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def service(tiny_artifact, tmp_path_factory, driver_loop):
     import ray
     from ray import serve
 

@@ -48,17 +48,17 @@ def test_lambda_zero_equals_exact_dot_product_search(client, tiny_run, manifest,
                                rtol=1e-4, atol=1e-4)
 
 
-def test_served_user_vector_equals_the_trained_one(service, tiny_run, manifest, item_ids):
+def test_served_user_vector_equals_the_trained_one(service, driver_loop, tiny_run, manifest, item_ids):
     from ray import serve
 
     events = random_history(item_ids, manifest["behavior_names"], seed=6, length=60)  # longer than max_len
-    encoder = serve.get_deployment_handle("Encoder", app_name=service.app_name)
     history = History(item_ids=tuple(e.raw_item_id for e in events), behaviors=tuple(e.behavior for e in events))
 
-    async def encode():  # inside a loop: handles may be bound to the caller's loop (RAY_SERVE_THROUGHPUT_OPTIMIZED)
+    async def encode():
+        encoder = serve.get_deployment_handle("Encoder", app_name=service.app_name)
         return await encoder.encode.remote([EncodeRequest(history)])
 
-    (served,) = asyncio.run(encode())
+    (served,) = asyncio.run_coroutine_threadsafe(encode(), driver_loop).result(timeout=60)
     assert served.model_version == manifest["model_version"]
     np.testing.assert_allclose(served.user_vector, trained_user_vector(tiny_run, manifest, item_ids, events),
                                rtol=1e-5, atol=1e-6)
