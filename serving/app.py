@@ -1,16 +1,17 @@
 """The Serve application: the only place deployments are bound together. Serve config `import_path:
 serving.app:build_app`, its `args` parsed once into `AppArgs`.
 
-    gRPC proxy -> RankingIngress -> Encoder       (user vectors; batched, own pool: autoscaling, GPU)
-                  + retrieval       [-> Retrieval]  (hnswlib search, batched, then MMR)
-                                    [-> Reranker]   (MMR as its own stage)
+    gRPC proxy -> RankingIngress -> Encoder     (user vectors; batched; own pool: autoscaling, GPU)
+                                 -> Retrieval   (hnswlib search, batched, then MMR in the same replica)
+                                 [-> Reranker]  (MMR as its own stage)
 
-Retrieval and re-ranking are classes of their own (serving/retrieval.py, serving/rerank.py); whether each
-runs as a function call inside its caller or as a deployment behind a hop is `retrieval.placement` and
-`rerank.placement`. A hop costs more CPU and latency than a batch of knn queries or MMR at these sizes (numbers
-in the Serve config), so by default retrieval runs in the ingress and MMR in retrieval; the encoder always
-has its own deployment. Replicas, autoscaling, queues and resources come from the Serve config's
-`deployments:`; each model deployment's `user_config: {artifact_path}` loads the model and changes it in place.
+Retrieval and re-ranking are classes of their own (serving/retrieval.py, serving/rerank.py); whether each runs
+as a deployment behind a hop or as a function call inside its caller is `retrieval.placement` and
+`rerank.placement`. At these sizes a hop costs more CPU and latency than a batch of knn queries or of MMR, so
+MMR runs inside retrieval by default; retrieval inside the ingress is the faster option on a small machine,
+its own deployment the one that scales the index apart from the ingress. The encoder always has its own
+deployment. Replicas, autoscaling, queues and resources come from the Serve config's `deployments:`; each
+model deployment's `user_config: {artifact_path}` loads the model and changes it in place.
 """
 
 from __future__ import annotations

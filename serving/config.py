@@ -41,7 +41,9 @@ class EncoderArgs(Section):
 
 
 class RetrievalArgs(Section):
-    placement: Literal["ingress", "deployment"] = RETRIEVAL_IN_INGRESS
+    # deployment: its own replicas (scaled apart from the ingress); ingress: a function call in the ingress replica,
+    # one hop fewer (measured on 2 cores: Rank p50 -30 %, throughput +10 %), the index then in every ingress replica.
+    placement: Literal["ingress", "deployment"] = OWN_DEPLOYMENT
     ef: int | None = Field(None, ge=1)  # hnswlib query beam; None = the artifact's ef_search (manifest)
     max_batch_size: int = Field(64, ge=1)  # own deployment only; >= ingress.max_batch_size
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)

@@ -1,5 +1,5 @@
-"""The other topology over real gRPC: retrieval and the re-ranker each as their own deployment (two more hops),
-applied through the config path, must rank exactly like the default in-ingress topology."""
+"""The other topology over real gRPC: retrieval inside the ingress replica and MMR as its own deployment,
+applied through the config path, must rank exactly like the committed one."""
 
 from __future__ import annotations
 
@@ -12,17 +12,13 @@ from tests.e2e.helpers import exact_ranking, random_history, trained_user_vector
 
 
 @pytest.fixture(scope="module")
-def separate_stages(service):
+def retrieval_in_ingress_own_reranker(service):
     config = copy.deepcopy(service.config)
     app = application(config)
-    app["args"]["retrieval"]["placement"] = "deployment"
+    app["args"]["retrieval"]["placement"] = "ingress"
     app["args"]["rerank"]["placement"] = "deployment"
-    artifact = {"artifact_path": str(service.artifact)}
-    app["deployments"] += [
-        {"name": "Retrieval", "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.5},
-         "user_config": artifact},
-        {"name": "Reranker", "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}},
-    ]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "Retrieval"]
+    app["deployments"].append({"name": "Reranker", "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}})
     service.apply(config)  # new args: Serve rebuilds the app
     try:
         yield
@@ -30,12 +26,13 @@ def separate_stages(service):
         service.apply(service.config)
 
 
-def test_separate_retrieval_and_reranker_deployments_rank_exactly(separate_stages, service, client, tiny_run,
-                                                                   manifest, item_ids, item_vectors):
+def test_retrieval_in_the_ingress_with_its_own_reranker_ranks_exactly(
+    retrieval_in_ingress_own_reranker, service, client, tiny_run, manifest, item_ids, item_vectors
+):
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     details = ServeSubmissionClient(service.dashboard_url).get_serve_details()["applications"][service.app_name]
-    assert set(details["deployments"]) == {"RankingIngress", "Encoder", "Retrieval", "Reranker"}
+    assert set(details["deployments"]) == {"RankingIngress", "Encoder", "Reranker"}
     for seed in (50, 51):
         events = random_history(item_ids, manifest["behavior_names"], seed=seed)
         expected = exact_ranking(trained_user_vector(tiny_run, manifest, item_ids, events), item_vectors, item_ids,

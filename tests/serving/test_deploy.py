@@ -36,7 +36,7 @@ def test_committed_config_serves_both_grpc_services_with_a_route_prefix():
     app = application(config)
     assert app["route_prefix"] and app["import_path"] == "serving.app:build_app"
     by_name = deployments(config)
-    assert set(by_name) == {"RankingIngress", "Encoder"}  # retrieval and MMR run inside the ingress by default
+    assert set(by_name) == {"RankingIngress", "Encoder", "Retrieval"}  # MMR runs inside Retrieval
     assert all(d["max_ongoing_requests"] > 5 and d["max_queued_requests"] > 0 for d in by_name.values())
     autoscaling = by_name["Encoder"]["autoscaling_config"]
     assert autoscaling["max_replicas"] >= autoscaling["min_replicas"] >= 1
@@ -88,7 +88,7 @@ def test_unknown_app_args_are_refused(config):
 
 
 def test_model_deployments_must_name_the_same_artifact(config, tmp_path):
-    deployments(config)["Encoder"]["user_config"]["artifact_path"] = str(tmp_path / "other")
+    deployments(config)["Retrieval"]["user_config"]["artifact_path"] = str(tmp_path / "other")
     with pytest.raises(ConfigError, match="one artifact"):
         preflight(config)
 
@@ -109,21 +109,23 @@ def test_corrupted_artifact_is_refused_before_submitting(config, artifact, tmp_p
         preflight(localize(config, artifact_path=corrupt))
 
 
-def test_topology_decides_which_deployments_the_config_may_list(config, artifact):
+def test_topology_decides_which_deployments_the_config_may_list(config):
     application(config)["deployments"].append({"name": "Reranker", "max_ongoing_requests": 32})
     with pytest.raises(ConfigError, match=r"deployments\[Reranker\]"):
         preflight(config)
     application(config)["args"]["rerank"] = {"placement": "deployment"}
-    assert bound_deployments(preflight(config)) == ("RankingIngress", "Encoder", "Reranker")
-    retrieval = {"name": "Retrieval", "max_ongoing_requests": 32}
-    application(config)["deployments"].append(retrieval)
-    with pytest.raises(ConfigError, match=r"deployments\[Retrieval\]"):
-        preflight(config)
-    application(config)["args"]["retrieval"]["placement"] = "deployment"
-    with pytest.raises(ConfigError, match=r"deployments\[Retrieval\].user_config"):  # it loads the artifact too
-        preflight(config)
-    retrieval["user_config"] = {"artifact_path": str(artifact)}
     assert bound_deployments(preflight(config)) == ("RankingIngress", "Encoder", "Retrieval", "Reranker")
+    application(config)["args"]["retrieval"]["placement"] = "ingress"
+    with pytest.raises(ConfigError, match=r"deployments\[Retrieval\]"):  # no longer bound
+        preflight(config)
+    application(config)["deployments"] = [d for d in application(config)["deployments"] if d["name"] != "Retrieval"]
+    assert bound_deployments(preflight(config)) == ("RankingIngress", "Encoder", "Reranker")
+
+
+def test_retrieval_deployment_needs_the_artifact_too(config):
+    del deployments(config)["Retrieval"]["user_config"]
+    with pytest.raises(ConfigError, match=r"deployments\[Retrieval\].user_config"):
+        preflight(config)
 
 
 def test_ingress_queue_limit_must_not_cap_its_batches(config):

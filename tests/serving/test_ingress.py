@@ -236,7 +236,7 @@ def test_retrieval_inside_the_ingress_ranks_against_its_own_index(tmp_path, arti
     encoder = FakeEncoder()
     encoder.encode = Remote(lambda requests: [EncodedUser(user_vector, "small-v1") for _ in requests])
     args = IngressArgs(history=HistoryConfig(url=f"sqlite:///{tmp_path / 'history.db'}"))
-    ingress = RankingIngress.func_or_class(args, RetrievalArgs(), encoder, None, None)
+    ingress = RankingIngress.func_or_class(args, RetrievalArgs(placement="ingress"), encoder, None, None)
     ingress.reconfigure({"artifact_path": str(artifact_dir)})
     response, context = rank(ingress, k=5, diversity=0.0, exclude_item_ids=["sku-2"])
     assert context.code is None and response.model_version == "small-v1"
