@@ -228,6 +228,7 @@ def cmd_quickstart(args) -> int:
 
     artifact, sample_histories = prepare_artifact(Path(args.out))
     config = localize(read_serve_config(args.config), artifact_path=artifact)
+    config["applications"][0]["logging_config"] = {"enable_access_log": False}  # keep the printed lists readable
     history = config["applications"][0]["args"]["ingress"]["history"]
     history["url"] = f"sqlite:///{(Path(args.out) / 'history.db').resolve()}"
     return serve_until_interrupted(config, args.config, args.num_cpus,
