@@ -14,16 +14,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from ray.serve.config import AutoscalingConfig
-from ray.serve.schema import ServeDeploySchema
 
 from serving.config import OWN_DEPLOYMENT, SERVE_CONFIG_PATH, AppArgs, ModelUserConfig
 from serving.history import SQLITE_URL_PREFIX
+from serving.k8s_render import check_serve_config
 from training.artifact import load_artifact
 
 logger = logging.getLogger(__name__)
@@ -55,31 +53,6 @@ def application(config: dict) -> dict:
     return apps[0]
 
 
-def _dropped_keys(given: Any, kept: Any, where: str) -> list[str]:
-    """Keys of `given` (recursively) missing from `kept`, Ray's round trip of it."""
-    problems = []
-    if isinstance(given, dict) and isinstance(kept, dict):
-        for key, value in given.items():
-            problems += [f"{where}.{key}"] if key not in kept else _dropped_keys(value, kept[key], f"{where}.{key}")
-    elif isinstance(given, list) and isinstance(kept, list):
-        for index, (value, kept_value) in enumerate(zip(given, kept)):
-            problems += _dropped_keys(value, kept_value, f"{where}[{index}]")
-    return problems
-
-
-def check_serve_config(config: dict) -> None:
-    """Ray's own schema, strictly: ServeDeploySchema silently drops unknown keys and does not check
-    autoscaling_config values, so both are checked here."""
-    validated = ServeDeploySchema.model_validate(config).model_dump(exclude_unset=True)
-    unknown = _dropped_keys(config, validated, "serve_config")
-    if unknown:
-        raise ConfigError(f"unknown keys (Serve would ignore them): {', '.join(unknown)}")
-    for app in config.get("applications", []):
-        for deployment in app.get("deployments", []):
-            if isinstance(deployment.get("autoscaling_config"), dict):
-                AutoscalingConfig.model_validate(deployment["autoscaling_config"])
-
-
 def localize(config: dict, *, artifact_path: str | Path | None = None, base_dir: Path | None = None) -> dict:
     """A copy with `artifact_path` set on every model deployment and relative paths made absolute.
 
@@ -107,8 +80,8 @@ def preflight(config: dict) -> AppArgs:
     """Everything checkable before submitting: Serve's schema (unknown keys too), AppArgs, deployment names,
     one artifact for all model deployments (verified), batch sizes the queue limits allow."""
     try:
-        check_serve_config(config)
-    except ValidationError as error:
+        check_serve_config(config)  # the same strict check the k8s render runs: unknown keys at any depth
+    except ValueError as error:  # pydantic's ValidationError included
         raise ConfigError(f"serve_config: {error}") from None
     app = application(config)
     try:
