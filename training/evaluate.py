@@ -14,7 +14,7 @@ from training.artifact import PAD_INDEX
 from training.batches import EvalBatch, eval_batches
 from training.data import SequenceData, history_bounds
 from training.metrics import ranking_report
-from training.model import SequenceEncoder, encode_histories, pad_histories
+from training.model import SequenceEncoder, encode_histories
 
 
 def mask_seen(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:

@@ -17,7 +17,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np

@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from training.artifact import ArtifactError, load_artifact
 from training.export import exact_top_k
