@@ -325,12 +325,39 @@ def format_response(response) -> str:
     return "\n".join(f"{name:<20} {value}" for name, value in rows)
 
 
+def add_bench_commands(sub) -> None:
+    from serving.config import SERVE_CONFIG_PATH
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    serve = bench.add_parser("serve", help="closed-loop gRPC load on a local Ray + Serve: Rank against an echo "
+                                           "app behind the same proxy (the floor)")
+    serve.add_argument("--artifact", default=None, help="artifact directory (default: train a tiny model)")
+    serve.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML (default: %(default)s)")
+    serve.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="default: %(default)s")
+    serve.add_argument("--seconds", type=float, default=10.0, help="per target and concurrency")
+    serve.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    serve.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_serve(args) -> int:
+    from serving.deploy import read_serve_config
+    from serving.loadgen import bench_serve, format_report
+
+    report = bench_serve(read_serve_config(args.config), args.artifact, args.concurrency, args.seconds)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqrank", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_commands(sub)
     add_serving_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 
