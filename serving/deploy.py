@@ -35,6 +35,8 @@ DOWNSTREAM_BATCH_SECTIONS = ("encoder", "retrieval", "rerank")  # args sections 
 RUNNING, DEPLOY_FAILED = "RUNNING", "DEPLOY_FAILED"
 THROUGHPUT_OPTIMIZED_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"  # Ray Serve >= 2.55, documented for KubeRay
 POLL_INTERVAL_S = 0.5
+PROXY_READY_TIMEOUT_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+PROXY_READY_TIMEOUT_S = 30.0
 
 
 class ConfigError(ValueError):
@@ -136,6 +138,9 @@ def start_local(config: dict, args: AppArgs, num_cpus: float | None = None, log_
 
     if args.local.throughput_optimized:  # read by every Ray process this call starts, so set before it
         os.environ[THROUGHPUT_OPTIMIZED_ENV] = "1"
+    # Serve gives a starting proxy 5 s per readiness check and kills it after three misses; on a busy 2-core
+    # machine importing gRPC and the generated modules takes longer, so the proxy was killed in a loop.
+    os.environ.setdefault(PROXY_READY_TIMEOUT_ENV, str(PROXY_READY_TIMEOUT_S))
     context = ray.init(
         num_cpus=num_cpus,
         log_to_driver=log_to_driver,  # replica logs stay in Ray's session directory either way

@@ -8,6 +8,8 @@ docs/metrics.md documents each one; a test keeps the two in step.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +21,7 @@ RAY_PREFIX = "ray_"
 LATENCY_MS_BOUNDARIES = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 2500)
 BATCH_SIZE_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128)
 COUNT_BOUNDARIES = (1, 5, 10, 20, 50, 100, 200, 500, 1000)  # Ray wants positive bounds; le=1 holds 0 too
+MODEL_INFO_REFRESH_S = 5.0  # well under the agent's gauge TTL (two export intervals, 2 x 10 s by default)
 
 # Rank stages, in execution order; also the names in RankResponse.timings (plus "total").
 STAGE_RANK = "rank"  # the ingress's batch of validated Rank requests (batch sizes only)
@@ -107,6 +110,8 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self._metrics = {spec.name: _create(spec) for spec in ALL_METRICS}
+        self._serving_version: str | None = None
+        self._refresher: threading.Thread | None = None
 
     def observe_rpc(self, outcome: RpcOutcome) -> None:
         self._metrics[REQUESTS.name].inc(tags={"method": outcome.method, "code": outcome.code.name})
@@ -134,4 +139,15 @@ class ServingMetrics:
             return
         if old_version is not None and old_version != new_version:
             self._metrics[MODEL_INFO.name].set(0, tags={"model_version": old_version})
+        self._serving_version = new_version
         self._metrics[MODEL_INFO.name].set(1, tags={"model_version": new_version})
+        if self._refresher is None:
+            self._refresher = threading.Thread(target=self._keep_model_info_alive, name="model-info", daemon=True)
+            self._refresher.start()
+
+    def _keep_model_info_alive(self) -> None:
+        """Ray's metrics agent evicts a gauge not re-reported within two export intervals, so an idle replica would
+        stop saying which version it serves: re-assert it well inside that window."""
+        while True:
+            time.sleep(MODEL_INFO_REFRESH_S)
+            self._metrics[MODEL_INFO.name].set(1, tags={"model_version": self._serving_version})
