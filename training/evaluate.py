@@ -11,27 +11,20 @@ import numpy as np
 import torch
 
 from training.artifact import PAD_INDEX
-from training.batches import EvalBatch, eval_batches
+from training.batches import EvalBatch, eval_batches, gather_padded
 from training.data import SequenceData, history_bounds
 from training.metrics import ranking_report
 from training.model import SequenceEncoder, encode_histories
 
 
 def mask_seen(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:
-    """Set every history item's score to -inf in place; scores (B, I+1)."""
-    seen = torch.from_numpy(np.asarray(pad_histories_flat(histories))).to(scores.device)
-    scores.scatter_(1, seen, float("-inf"))
+    """Set every item of each full (untruncated) history to -inf in place; scores (B, I+1)."""
+    lengths = np.array([len(h) for h in histories], dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    seen = gather_padded(np.concatenate(histories).astype(np.int64), starts, lengths)  # (B, longest), PAD-filled
+    scores.scatter_(1, torch.from_numpy(seen).to(scores.device), float("-inf"))
     scores[:, PAD_INDEX] = float("-inf")
     return scores
-
-
-def pad_histories_flat(histories: list[np.ndarray]) -> np.ndarray:
-    """Right-pad full (untruncated) histories with PAD_INDEX into one (B, max length) matrix."""
-    width = max(len(h) for h in histories)
-    out = np.full((len(histories), width), PAD_INDEX, dtype=np.int64)
-    for row, history in enumerate(histories):
-        out[row, : len(history)] = history
-    return out
 
 
 def rank_batch(scores: torch.Tensor, batch: EvalBatch, top_k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,7 @@ def test_training_input_never_contains_valid_or_test_targets(synthetic_dataset):
     batches = list(causal_train_batches(data, config, 64, np.random.default_rng(0)))
     seen_rows = sum(len(b.lengths) for b in batches)
     assert seen_rows == int(np.sum(end - start_all >= 2))
-    # rebuild every (user, position) the batches cover from raw offsets: each is < end_all - 2
+    # every batch window ends at the train bound, which leaves out the valid and test targets
     for batch in batches:
         assert int(batch.lengths.max()) <= config.max_len
     assert np.all(end == end_all - 2)
