@@ -48,6 +48,8 @@ class ModelConfig:
     item_dropout: float = 0.0  # causal only: share of input items replaced by [MASK] in training
     similarity: str = "dot"  # dot | cosine (L2-normalised vectors, scores divided by temperature)
     temperature: float = 1.0  # cosine only
+    frequency_mix: float = 0.0  # causal only: weight of BSARec's low-pass filter path beside attention; 0 = off
+    frequency_cutoff: int = 5  # low-pass keeps the lowest frequency_cutoff // 2 + 1 frequencies of max_len
 
 
 @dataclass

@@ -46,6 +46,8 @@ class EncoderConfig:
     backbone: str = "gpt2"
     similarity: str = "dot"  # dot | cosine: L2-normalised user and item vectors, scores divided by temperature
     temperature: float = 1.0
+    frequency_mix: float = 0.0  # causal only: weight of the low-pass filter path beside attention (0 = off)
+    frequency_cutoff: int = 5  # the filter keeps the lowest frequency_cutoff // 2 + 1 of max_len's frequencies
 
     @property
     def causal(self) -> bool:
@@ -92,6 +94,57 @@ def build_backbone(config: EncoderConfig) -> nn.Module:
     raise ValueError(f"backbone: {config.backbone!r} is not one of gpt2, llama, bert")
 
 
+def low_pass_kernel(length: int, cutoff: int) -> torch.Tensor:
+    """Weights by distance d = 0..length-1 of BSARec's low-pass filter, read at a sequence's newest position.
+
+    BSARec zeroes all but the lowest `cutoff // 2 + 1` rFFT bins of a left-padded window of `length` steps; at the
+    window's last position that circular filter is exactly sum_d kernel[d] * x[t - d], a fixed recency weighting.
+    Applying the same weighting at every position keeps the filter causal, so all positions can be trained at once.
+    """
+    bins = cutoff // 2 + 1
+    d = torch.arange(length, dtype=torch.float64)
+    k = torch.arange(1, bins, dtype=torch.float64).unsqueeze(1)
+    return ((1.0 + 2.0 * torch.cos(2 * torch.pi * k * d / length).sum(0)) / length).float()
+
+
+class FrequencyMixedAttention(nn.Module):
+    """alpha * (low-pass + beta * high-pass of the block input) + (1 - alpha) * self-attention (BSARec, causal).
+
+    Self-attention is good at picking out single related items and poor at the smooth, slowly drifting part of a
+    user's taste; the low-pass path supplies that part and beta (learned per channel) rescales what it leaves out.
+    Wraps a backbone block's attention module in place, so the rest of the Hugging Face block is untouched.
+    """
+
+    def __init__(self, attention: nn.Module, config: EncoderConfig):
+        super().__init__()
+        self.attention = attention
+        self.alpha = config.frequency_mix
+        kernel = low_pass_kernel(config.max_len, config.frequency_cutoff)
+        distance = torch.arange(config.max_len).unsqueeze(1) - torch.arange(config.max_len).unsqueeze(0)
+        self.register_buffer("low_pass", torch.where(distance >= 0, kernel[distance.clamp(min=0)], 0.0), persistent=False)
+        self.sqrt_beta = nn.Parameter(torch.randn(config.hidden_size))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, *args, **kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, T, D)
+        attended, *rest = self.attention(*args, **kwargs)
+        T = hidden.shape[1]
+        low = self.low_pass[:T, :T].to(hidden.dtype) @ hidden
+        filtered = self.dropout(low + self.sqrt_beta.square() * (hidden - low))
+        return (self.alpha * filtered + (1.0 - self.alpha) * attended, *rest)
+
+
+def mix_frequency_paths(backbone: nn.Module, config: EncoderConfig) -> None:
+    if not config.causal:
+        raise ValueError("frequency_mix: only the causal backbones (gpt2, llama) take the causal low-pass path")
+    if config.backbone == "gpt2":
+        for block in backbone.h:
+            block.attn = FrequencyMixedAttention(block.attn, config)
+    else:
+        for layer in backbone.layers:
+            layer.self_attn = FrequencyMixedAttention(layer.self_attn, config)
+
+
 class SequenceEncoder(nn.Module):
     def __init__(self, config: EncoderConfig, item_attributes: np.ndarray | None = None):
         super().__init__()
@@ -111,6 +164,8 @@ class SequenceEncoder(nn.Module):
         # GPT-2 and BERT already apply dropout to the embeddings they are fed (after adding positions); Llama does not
         self.input_dropout = nn.Dropout(config.dropout if config.backbone == "llama" else 0.0)
         self.backbone = build_backbone(config)
+        if config.frequency_mix:
+            mix_frequency_paths(self.backbone, config)
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         for table in (self.behavior_embedding, self.attribute_embedding):
             if table is not None:

@@ -61,7 +61,7 @@ def encoder_config_for(config: TrainConfig, data: SequenceData) -> EncoderConfig
         max_len=model.max_len, hidden_size=model.hidden_size, num_layers=model.num_layers,
         num_heads=model.num_heads, intermediate_size=model.intermediate_size, dropout=model.dropout,
         attention_dropout=model.attention_dropout, backbone=model.backbone, similarity=model.similarity,
-        temperature=model.temperature,
+        temperature=model.temperature, frequency_mix=model.frequency_mix, frequency_cutoff=model.frequency_cutoff,
     )
 
 
