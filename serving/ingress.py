@@ -26,7 +26,7 @@ from serving import health
 from serving.batching import SlotBatcher
 from serving.catalogue import Catalogue, History
 from serving.config import IngressArgs, RetrievalArgs
-from serving.errors import NotFound, RpcHooks, rpc_method
+from serving.errors import NotFound, RpcHooks, Unavailable, rpc_method
 from serving.generated.seqrank.v1 import ranking_pb2
 from serving.history import Event, StoredEvent, open_history_store, resolve_history_url
 from serving.messages import (
@@ -47,7 +47,9 @@ HISTORY_SOURCE_NAMES = {
     ranking_pb2.HISTORY_SOURCE_STORE: "store",
     ranking_pb2.HISTORY_SOURCE_INLINE: "inline",
     ranking_pb2.HISTORY_SOURCE_FALLBACK: "fallback",
+    ranking_pb2.HISTORY_SOURCE_STORE_UNAVAILABLE: "store_unavailable",
 }
+FALLBACK_SOURCES = (ranking_pb2.HISTORY_SOURCE_FALLBACK, ranking_pb2.HISTORY_SOURCE_STORE_UNAVAILABLE)  # popular list
 
 
 @dataclass
@@ -248,7 +250,7 @@ class RankingIngress:
         catalogue = self._catalogues.current
         query = validate_rank_request(request, self._args.limits, catalogue.item_index_of, catalogue.behavior_names)
         user = await clock.time(STAGE_HISTORY, self._user_history(query, catalogue))
-        if user.source == ranking_pb2.HISTORY_SOURCE_FALLBACK:
+        if user.source in FALLBACK_SOURCES:
             ranked = clock.run(STAGE_FALLBACK, fallback_list, catalogue, query)
         else:
             excluded_ids = tuple(catalogue.item_ids[sorted(query.exclude_item_indices)])
@@ -281,12 +283,23 @@ class RankingIngress:
         return health.check(request.service, self._catalogues.is_loaded)
 
     async def _user_history(self, query: RankQuery, catalogue: Catalogue) -> UserHistory:
-        """Inline events when given (not stored), else the stored history, bounded by the store."""
+        """Inline events when given (not stored), else the stored history, bounded by the store.
+
+        A store that cannot be read degrades Rank to the popular list marked STORE_UNAVAILABLE (the ranking
+        stays available; writes fail loudly in RecordEvents), or raises Unavailable under cold_start not_found.
+        """
         if query.inline_events:
             history, source = history_of(query.inline_events), ranking_pb2.HISTORY_SOURCE_INLINE
         else:
             limit = self._args.history.max_events_per_user
-            stored = await asyncio.to_thread(self._store.recent, query.user_id, limit)
+            try:
+                stored = await asyncio.to_thread(self._store.recent, query.user_id, limit)
+            except Unavailable as error:
+                if self._args.cold_start != COLD_START_POPULAR:
+                    raise
+                logger.debug("Rank for user %r without stored history: %s", query.user_id, error)
+                self._metrics.observe_history(HISTORY_SOURCE_NAMES[ranking_pb2.HISTORY_SOURCE_STORE_UNAVAILABLE], 0)
+                return UserHistory(History(item_ids=(), behaviors=()), ranking_pb2.HISTORY_SOURCE_STORE_UNAVAILABLE)
             history, source = history_of(stored), ranking_pb2.HISTORY_SOURCE_STORE
         source = choose_source(history, source, catalogue, self._args.cold_start, query.user_id)
         if source == ranking_pb2.HISTORY_SOURCE_FALLBACK:
