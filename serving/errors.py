@@ -23,6 +23,23 @@ logger = logging.getLogger(__name__)
 # Attribute an ingress instance sets (in __init__) to plug auth and metrics into `rpc_method`.
 HOOKS_ATTRIBUTE = "rpc_hooks"
 INTERNAL_ERROR_DETAILS = "internal error; see the server log for this request"
+# Status details travel in HTTP/2 trailers, which clients cap (8 KiB by default in gRPC) and Ray's proxy does not
+# truncate for codes set on the context: details are capped here, and echoed request values by `shown`.
+MAX_DETAILS_CHARS = 1024
+MAX_SHOWN_CHARS = 64
+
+
+def shown(value: str) -> str:
+    """repr of a caller's string for an error message, cut to MAX_SHOWN_CHARS characters with its length noted."""
+    if len(value) <= MAX_SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:MAX_SHOWN_CHARS]!r}... ({len(value)} characters)"
+
+
+def status_details(error: "ServingError") -> str:
+    """`subject: reason`, at most MAX_DETAILS_CHARS characters."""
+    details = f"{error.subject}: {error.reason}"
+    return details if len(details) <= MAX_DETAILS_CHARS else details[:MAX_DETAILS_CHARS - 3] + "..."
 
 
 class ServingError(Exception):
@@ -153,7 +170,7 @@ def rpc_method(response_type: type[ResponseT]) -> Callable[[RpcMethod[ResponseT]
                 grpc_context.set_code(code)
                 # Not str(error): an error raised in a downstream replica arrives as Ray's RayTaskError subclass,
                 # whose str() is a traceback.
-                grpc_context.set_details(f"{error.subject}: {error.reason}")
+                grpc_context.set_details(status_details(error))
                 _observe(hooks, name, code, started)
                 return response_type()
             except asyncio.CancelledError:

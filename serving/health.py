@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health_pb2
 
-from serving.errors import NotFound
+from serving.errors import NotFound, shown
 from serving.generated.seqrank.v1 import ranking_pb2
 
 HEALTH_SERVICER_FUNCTION = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
@@ -21,6 +21,6 @@ SERVED_SERVICES = (OVERALL, RANKING_SERVICE)
 def check(service: str, model_loaded: bool) -> health_pb2.HealthCheckResponse:
     """SERVING once a model is loaded; unknown service names are NOT_FOUND, as the health protocol asks."""
     if service not in SERVED_SERVICES:
-        raise NotFound("service", f"must be one of {list(SERVED_SERVICES)}, got {service!r}")
+        raise NotFound("service", f"must be one of {list(SERVED_SERVICES)}, got {shown(service)}")
     status = health_pb2.HealthCheckResponse.SERVING if model_loaded else health_pb2.HealthCheckResponse.NOT_SERVING
     return health_pb2.HealthCheckResponse(status=status)

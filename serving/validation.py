@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from serving.errors import InvalidArgument
+from serving.errors import InvalidArgument, shown
 from serving.generated.seqrank.v1 import ranking_pb2
 from serving.history import Event, UserEvents
 
@@ -103,10 +103,10 @@ def _check_event(
 ) -> Event:
     _check_id(f"{field}.item_id", event.item_id, limits)
     if event.item_id not in item_index_of:
-        raise InvalidArgument(f"{field}.item_id", f"unknown item id {event.item_id!r} (not in the serving model)")
+        raise InvalidArgument(f"{field}.item_id", f"unknown item id {shown(event.item_id)} (not in the serving model)")
     if event.behavior != UNSPECIFIED_BEHAVIOR and event.behavior not in behavior_names:
         allowed = ", ".join(repr(name) for name in (UNSPECIFIED_BEHAVIOR, *behavior_names))
-        raise InvalidArgument(f"{field}.behavior", f"must be one of {allowed}, got {event.behavior!r}")
+        raise InvalidArgument(f"{field}.behavior", f"must be one of {allowed}, got {shown(event.behavior)}")
     timestamp_s = None
     if event.HasField("timestamp"):
         timestamp_s = event.timestamp
