@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.auth import AuthConfig
 from serving.history import HistoryConfig
 from serving.validation import Limits
 
@@ -78,6 +79,9 @@ class LocalArgs(Section):
     throughput_optimized: bool = False
 
 
+    # Bearer tokens required on every RankingService call (Health Check exempt): "" = off, `env:NAME` or
+    # `file:/path` (serving/auth.py), resolved in the replica so the tokens never enter the Serve config.
+    auth: AuthConfig = AuthConfig()
 class AppArgs(Section):
     encoder: EncoderArgs = EncoderArgs()
     retrieval: RetrievalArgs = RetrievalArgs()

@@ -145,9 +145,13 @@ def _observe(hooks: RpcHooks, method: str, code: grpc.StatusCode, started: float
         logger.exception("rpc observe hook failed for %s", method)
 
 
-def rpc_method(response_type: type[ResponseT]) -> Callable[[RpcMethod[ResponseT]], RpcMethod[ResponseT]]:
+def rpc_method(
+    response_type: type[ResponseT], public: bool = False
+) -> Callable[[RpcMethod[ResponseT]], RpcMethod[ResponseT]]:
     """Decorates `async def Method(self, request, grpc_context)` of a Serve ingress.
 
+    Unless `public` (health checks: probes carry no credentials), `self.rpc_hooks.authenticate` sees the call's
+    metadata first and its Unauthenticated error answers the call.
     Domain errors set their status code and message on `grpc_context` and return `response_type()`; any other
     exception is logged with its traceback and answered INTERNAL with a generic message. Cancellation
     (client deadline, proxy timeout) propagates. Every outcome is reported to `self.rpc_hooks.observe`.
@@ -161,7 +165,7 @@ def rpc_method(response_type: type[ResponseT]) -> Callable[[RpcMethod[ResponseT]
             hooks: RpcHooks = getattr(self, HOOKS_ATTRIBUTE, NO_HOOKS)
             started = time.perf_counter()
             try:
-                if hooks.authenticate is not None:
+                if hooks.authenticate is not None and not public:
                     hooks.authenticate(grpc_context.invocation_metadata())
                 response = await method(self, request, grpc_context)
             except ServingError as error:

@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serving import health
 from serving.batching import SlotBatcher
+from serving.auth import authenticator
 from serving.catalogue import Catalogue, History
 from serving.config import IngressArgs, RetrievalArgs
 from serving.errors import NotFound, RpcHooks, Unavailable, rpc_method
@@ -218,7 +219,8 @@ class RankingIngress:
             self._retrieval: LocalRetrieval | RemoteRetrieval = LocalRetrieval(self._local_retrieval)
         else:
             self._retrieval = RemoteRetrieval(retrieval)
-        self.rpc_hooks = RpcHooks(observe=self._metrics.observe_rpc)  # read by rpc_method
+        # read by rpc_method; tokens from `env:`/`file:` are resolved here, in the replica, like the history url
+        self.rpc_hooks = RpcHooks(authenticate=authenticator(args.auth, os.environ), observe=self._metrics.observe_rpc)
         # The replica is this setting's process edge: an `env:NAME` url (a Kubernetes Secret) is resolved here,
         # so the secret never enters the Serve config or the bound deployment arguments.
         self._store = open_history_store(resolve_history_url(args.history, os.environ))
@@ -278,7 +280,7 @@ class RankingIngress:
     async def GetModelInfo(self, request: ranking_pb2.GetModelInfoRequest, grpc_context):
         return model_info(self._catalogues.current)
 
-    @rpc_method(health_pb2.HealthCheckResponse)
+    @rpc_method(health_pb2.HealthCheckResponse, public=True)  # probes carry no token
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context):
         return health.check(request.service, self._catalogues.is_loaded)
 
