@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 
+TOKEN_ENV = "SEQRANK_TOKEN"  # the client commands' bearer token when --token is not given
+
+
 def add_train_commands(sub) -> None:
     train = sub.add_parser("train", help="train an encoder on a log; writes a run directory")
     train.add_argument("--data", default="", help="log file; omit to train on the built-in synthetic log")
@@ -127,13 +130,14 @@ def print_metrics(report: dict, title: str) -> None:
 
 
 def add_serving_commands(sub) -> None:
-    from serving.client import DEFAULT_TARGET
+    from serving.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S
     from serving.config import SERVE_CONFIG_PATH
 
     serve = sub.add_parser("serve", help="run the ranking service locally (Ray + Serve, gRPC) until interrupted")
     serve.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML (default: %(default)s)")
     serve.add_argument("--artifact", default=None, help="artifact directory; overrides the config's artifact_path")
     serve.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may schedule (default: all)")
+    from serving.retry import RetryPolicy
     serve.set_defaults(func=cmd_serve)
 
     deploy = sub.add_parser("deploy", help="apply a (changed) Serve config to a running service; a new artifact "
@@ -152,6 +156,16 @@ def add_serving_commands(sub) -> None:
     rank.add_argument("user_id")
     rank.add_argument("-k", type=int, default=None, help="items to return (default: the server's)")
     rank.add_argument("--diversity", type=float, default=None, help="MMR lambda in [0, 1] (default: the server's)")
+        parser.add_argument("--token", default=None,
+                            help=f"bearer token (default: ${TOKEN_ENV}); sent as 'authorization: Bearer <token>'")
+        parser.add_argument("--tls", action="store_true", help="TLS to a gateway or mesh in front of the service")
+        parser.add_argument("--ca-cert", default=None, help="PEM roots for --tls (default: the system's)")
+        parser.add_argument("--client-cert", default=None, help="PEM client certificate for mTLS (with --client-key)")
+        parser.add_argument("--client-key", default=None, help="PEM private key of --client-cert")
+        parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                            help="deadline of each attempt in seconds (default: %(default)s)")
+        parser.add_argument("--retries", type=int, default=RetryPolicy().max_attempts - 1,
+                            help="retries on UNAVAILABLE/RESOURCE_EXHAUSTED, with backoff (default: %(default)s)")
     rank.add_argument("--exclude", nargs="*", default=[], metavar="ITEM", help="item ids never to return")
     rank.add_argument("--events", nargs="*", default=[], metavar="ITEM[:BEHAVIOR]",
                       help="recent events, oldest first, used instead of the stored history (not stored)")
@@ -162,7 +176,8 @@ def add_serving_commands(sub) -> None:
     record = sub.add_parser("record", help="append events to a user's stored history")
     record.add_argument("user_id")
     record.add_argument("events", nargs="+", metavar="ITEM[:BEHAVIOR[:UNIX_SECONDS]]", help="oldest first")
-    record.add_argument("--idempotency-key", default="")
+    record.add_argument("--idempotency-key", default=None,
+                        help="default: a generated key, the same on every retry ('' = none, then never retried)")
     client_arguments(record)
     record.set_defaults(func=cmd_record)
 
@@ -270,9 +285,26 @@ def call_service(args, call) -> int:
     """Runs `call(client)` and prints its response (table or JSON); gRPC errors print code and details."""
     import grpc
 
-    from serving.client import RankingClient, as_dict
+    from serving.client import as_dict
+def client_of(args, environ=None):
+    """The RankingClient the client flags describe; the token falls back to $SEQRANK_TOKEN (read here, the edge)."""
+    import os
 
-    with RankingClient(args.target) as client:
+    from serving.client import RankingClient, TlsConfig
+    from serving.retry import RetryPolicy
+
+    if args.retries < 0:
+        raise ValueError(f"--retries: must be >= 0, got {args.retries}")
+    if not args.tls and (args.ca_cert or args.client_cert or args.client_key):
+        raise ValueError("--ca-cert, --client-cert and --client-key need --tls")
+    token = args.token if args.token is not None else (os.environ if environ is None else environ).get(TOKEN_ENV)
+    tls = TlsConfig(args.ca_cert, args.client_cert, args.client_key) if args.tls else None
+    return RankingClient(args.target, timeout_s=args.timeout, token=token or None, tls=tls,
+                         retry=RetryPolicy(max_attempts=args.retries + 1))
+
+
+
+    with client_of(args) as client:
         try:
             response = call(client)
         except grpc.RpcError as error:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from serving.retry import NO_RETRY, RetryPolicy, call_with_retry
+
 logger = logging.getLogger(__name__)
 
 ECHO_APP = "echo"  # application name and route prefix /echo of the floor
@@ -229,21 +231,33 @@ def rank_request(artifact_path: Path):
                                    recent_events=[ranking_pb2.Event(item_id=i, behavior=behavior) for i in items])
 
 
-def grpc_caller_factory(target: str, app_name: str, request) -> Callable[[], Caller]:
-    """Each call of the factory opens its own channel; the caller sends `request` to `app_name`'s Rank."""
+def grpc_caller_factory(target: str, app_name: str, request, retry: RetryPolicy = NO_RETRY,
+                        retries: list | None = None) -> Callable[[], Caller]:
+    """Each call of the factory opens its own channel; the caller sends `request` to `app_name`'s Rank, retried
+    like the client retries Rank (serving/client.py); each retry appends its status code name to `retries`.
+    A measured latency includes the retries of its request; an error is counted once all attempts failed."""
+    import random
+
     import grpc
 
-    from serving.client import APPLICATION_METADATA_KEY
+    from serving.client import APPLICATION_METADATA_KEY, RETRYABLE_READS, retryable_codes
     from serving.generated.seqrank.v1 import ranking_pb2_grpc
 
     metadata = ((APPLICATION_METADATA_KEY, app_name),)
+    retryable = retryable_codes(RETRYABLE_READS)
+
+    def count(attempt: int, error: BaseException, backoff_s: float) -> None:
+        if retries is not None:
+            retries.append(error_code(error))  # list.append is atomic: threads share the list
 
     def new_caller() -> Caller:
         channel = grpc.insecure_channel(target)
         stub = ranking_pb2_grpc.RankingServiceStub(channel)
+        rng = random.Random()
 
         def call(timeout_s: float):
-            return stub.Rank(request, timeout=timeout_s, metadata=metadata)
+            return call_with_retry(lambda: stub.Rank(request, timeout=timeout_s, metadata=metadata), retry,
+                                   retryable, rng, on_retry=count)
 
         call.close = channel.close
         return call
@@ -256,9 +270,10 @@ def response_timings(response) -> dict[str, float]:
 
 
 def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: list[int], seconds: float,
-                warmup_requests: int = DEFAULT_WARMUP_REQUESTS) -> dict:
+                warmup_requests: int = DEFAULT_WARMUP_REQUESTS, retry: RetryPolicy = RetryPolicy()) -> dict:
     """Starts local Ray + Serve on free ports with the seqrank app (from `serve_config`) and the echo app,
-    measures echo then Rank at each concurrency, shuts Ray down; returns a JSON-ready dict."""
+    measures echo then Rank at each concurrency (retrying like the client), shuts Ray down; returns a
+    JSON-ready dict."""
     import copy
 
     import ray
@@ -294,10 +309,11 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
             for concurrency in concurrencies:
                 for label, name, observe in (("echo", ECHO_APP, None), ("rank", app["name"], response_timings)):
                     logger.info("%s at concurrency %d for %.0f s", label, concurrency, seconds)
-                    result = run_closed_loop(grpc_caller_factory(target, name, request), concurrency, seconds,
-                                             warmup_requests, observe)
+                    retries: list[str] = []
+                    result = run_closed_loop(grpc_caller_factory(target, name, request, retry, retries),
+                                             concurrency, seconds, warmup_requests, observe)
                     runs.append({"target": label, "concurrency": concurrency, **asdict(result.stats),
-                                 "stage_ms": result.stage_ms})
+                                 "retries": dict(Counter(retries)), "stage_ms": result.stage_ms})
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -333,6 +349,8 @@ def format_report(report: dict) -> str:
     lines = [f"{'target':<7}{'conc':>5}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>9}  errors"]
     for run in runs:
         errors = ", ".join(f"{code} {n}" for code, n in run["errors"].items()) or "-"
+        if run.get("retries"):
+            errors += " (retried: " + ", ".join(f"{code} {n}" for code, n in run["retries"].items()) + ")"
         lines.append(f"{run['target']:<7}{run['concurrency']:>5}{run['p50_ms']:>9.2f}{run['p90_ms']:>9.2f}"
                      f"{run['p99_ms']:>9.2f}{run['max_ms']:>9.2f}{run['requests_per_s']:>9.1f}  {errors}")
     lines += ["", "Rank/echo  conc    p50    p99  req/s"]

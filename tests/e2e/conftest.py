@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from serving.client import RankingClient
+from serving.retry import NO_RETRY
 from serving.deploy import application, apply, localize, preflight, read_serve_config, start_local
 
 CLUSTER_CPUS = 4  # logical: the replicas ask for 2, the rest is room for Serve's own tasks
@@ -38,8 +39,9 @@ class Service:
     def app_name(self) -> str:
         return application(self.config)["name"]
 
-    def client(self, timeout_s: float = 30.0) -> RankingClient:
-        return RankingClient(self.grpc_target, timeout_s=timeout_s)
+    def client(self, timeout_s: float = 30.0, **options) -> RankingClient:
+        """No retries unless asked for (`retry=`): the tests see each call's own status code."""
+        return RankingClient(self.grpc_target, timeout_s=timeout_s, **{"retry": NO_RETRY, **options})
 
     def with_artifact(self, artifact: Path) -> dict:
         return localize(self.config, artifact_path=artifact)
