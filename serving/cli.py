@@ -132,12 +132,12 @@ def print_metrics(report: dict, title: str) -> None:
 def add_serving_commands(sub) -> None:
     from serving.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S
     from serving.config import SERVE_CONFIG_PATH
+    from serving.retry import RetryPolicy
 
     serve = sub.add_parser("serve", help="run the ranking service locally (Ray + Serve, gRPC) until interrupted")
     serve.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML (default: %(default)s)")
     serve.add_argument("--artifact", default=None, help="artifact directory; overrides the config's artifact_path")
     serve.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may schedule (default: all)")
-    from serving.retry import RetryPolicy
     serve.set_defaults(func=cmd_serve)
 
     deploy = sub.add_parser("deploy", help="apply a (changed) Serve config to a running service; a new artifact "
@@ -151,11 +151,6 @@ def add_serving_commands(sub) -> None:
     def client_arguments(parser) -> None:
         parser.add_argument("--target", default=DEFAULT_TARGET, help="gRPC host:port (default: %(default)s)")
         parser.add_argument("--json", action="store_true", help="print the response as JSON")
-
-    rank = sub.add_parser("rank", help="top-k items for a user")
-    rank.add_argument("user_id")
-    rank.add_argument("-k", type=int, default=None, help="items to return (default: the server's)")
-    rank.add_argument("--diversity", type=float, default=None, help="MMR lambda in [0, 1] (default: the server's)")
         parser.add_argument("--token", default=None,
                             help=f"bearer token (default: ${TOKEN_ENV}); sent as 'authorization: Bearer <token>'")
         parser.add_argument("--tls", action="store_true", help="TLS to a gateway or mesh in front of the service")
@@ -166,6 +161,11 @@ def add_serving_commands(sub) -> None:
                             help="deadline of each attempt in seconds (default: %(default)s)")
         parser.add_argument("--retries", type=int, default=RetryPolicy().max_attempts - 1,
                             help="retries on UNAVAILABLE/RESOURCE_EXHAUSTED, with backoff (default: %(default)s)")
+
+    rank = sub.add_parser("rank", help="top-k items for a user")
+    rank.add_argument("user_id")
+    rank.add_argument("-k", type=int, default=None, help="items to return (default: the server's)")
+    rank.add_argument("--diversity", type=float, default=None, help="MMR lambda in [0, 1] (default: the server's)")
     rank.add_argument("--exclude", nargs="*", default=[], metavar="ITEM", help="item ids never to return")
     rank.add_argument("--events", nargs="*", default=[], metavar="ITEM[:BEHAVIOR]",
                       help="recent events, oldest first, used instead of the stored history (not stored)")
@@ -281,11 +281,6 @@ def parse_event(text: str):
         raise ValueError(f"event {text!r}: the timestamp must be integer Unix seconds") from None
 
 
-def call_service(args, call) -> int:
-    """Runs `call(client)` and prints its response (table or JSON); gRPC errors print code and details."""
-    import grpc
-
-    from serving.client import as_dict
 def client_of(args, environ=None):
     """The RankingClient the client flags describe; the token falls back to $SEQRANK_TOKEN (read here, the edge)."""
     import os
@@ -303,6 +298,11 @@ def client_of(args, environ=None):
                          retry=RetryPolicy(max_attempts=args.retries + 1))
 
 
+def call_service(args, call) -> int:
+    """Runs `call(client)` and prints its response (table or JSON); gRPC errors print code and details."""
+    import grpc
+
+    from serving.client import as_dict
 
     with client_of(args) as client:
         try:
