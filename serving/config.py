@@ -66,6 +66,9 @@ class IngressArgs(Section):
     max_concurrent_batches: int = Field(2, ge=1)
     limits: Limits = Limits()
     history: HistoryConfig = HistoryConfig()
+    # Bearer tokens required on every RankingService call (Health Check exempt): "" = off, `env:NAME` or
+    # `file:/path` (serving/auth.py), resolved in the replica so the tokens never enter the Serve config.
+    auth: AuthConfig = AuthConfig()
 
 
 class LocalArgs(Section):
@@ -79,9 +82,6 @@ class LocalArgs(Section):
     throughput_optimized: bool = False
 
 
-    # Bearer tokens required on every RankingService call (Health Check exempt): "" = off, `env:NAME` or
-    # `file:/path` (serving/auth.py), resolved in the replica so the tokens never enter the Serve config.
-    auth: AuthConfig = AuthConfig()
 class AppArgs(Section):
     encoder: EncoderArgs = EncoderArgs()
     retrieval: RetrievalArgs = RetrievalArgs()

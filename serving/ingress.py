@@ -23,8 +23,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving import health
-from serving.batching import SlotBatcher
 from serving.auth import authenticator
+from serving.batching import SlotBatcher
 from serving.catalogue import Catalogue, History
 from serving.config import IngressArgs, RetrievalArgs
 from serving.errors import NotFound, RpcHooks, Unavailable, rpc_method
