@@ -80,6 +80,10 @@ class LocalArgs(Section):
     # replicas, user code on the replica's main loop). Measured here: Rank p50 -10..40 %, throughput +30..50 %.
     # Cluster-wide, so off unless asked for; on Kubernetes it is the containers' environment.
     throughput_optimized: bool = False
+    # Largest request or response message the gRPC proxy accepts (Ray's RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, 2 GiB by
+    # default); larger ones are refused RESOURCE_EXHAUSTED before any replica sees them. 1 MiB holds the largest
+    # request `ingress.limits` allows (about 0.6 MiB with 4-byte UTF-8 ids). Kubernetes: the pods' environment.
+    grpc_max_message_bytes: int = Field(1024 * 1024, ge=64 * 1024, le=2**31 - 1)
 
 
 class AppArgs(Section):

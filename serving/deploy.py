@@ -34,6 +34,7 @@ MODEL_DEPLOYMENTS = (INGRESS_DEPLOYMENT, ENCODER_DEPLOYMENT, RETRIEVAL_DEPLOYMEN
 DOWNSTREAM_BATCH_SECTIONS = ("encoder", "retrieval", "rerank")  # args sections with a max_batch_size
 RUNNING, DEPLOY_FAILED = "RUNNING", "DEPLOY_FAILED"
 THROUGHPUT_OPTIMIZED_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"  # Ray Serve >= 2.55, documented for KubeRay
+GRPC_MAX_MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # read by each gRPC proxy at start (ray 2.60 constants)
 POLL_INTERVAL_S = 0.5
 PROXY_READY_TIMEOUT_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
 PROXY_READY_TIMEOUT_S = 30.0
@@ -138,6 +139,7 @@ def start_local(config: dict, args: AppArgs, num_cpus: float | None = None, log_
 
     if args.local.throughput_optimized:  # read by every Ray process this call starts, so set before it
         os.environ[THROUGHPUT_OPTIMIZED_ENV] = "1"
+    os.environ[GRPC_MAX_MESSAGE_SIZE_ENV] = str(args.local.grpc_max_message_bytes)  # likewise
     # Serve gives a starting proxy 5 s per readiness check and kills it after three misses; on a busy 2-core
     # machine importing gRPC and the generated modules takes longer, so the proxy was killed in a loop.
     os.environ.setdefault(PROXY_READY_TIMEOUT_ENV, str(PROXY_READY_TIMEOUT_S))

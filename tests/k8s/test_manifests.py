@@ -47,7 +47,8 @@ RAY_SERIES = {
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Created outside the repository in production (k8s/README.md); dev creates them itself.
-PROD_EXTERNAL_REFERENCES = {("Secret", "seqrank-history"), ("PersistentVolumeClaim", "seqrank-artifacts")}
+PROD_EXTERNAL_REFERENCES = {("Secret", "seqrank-history"), ("Secret", "seqrank-tokens"),
+                            ("PersistentVolumeClaim", "seqrank-artifacts")}
 
 
 def ray_groups(rayservice: dict) -> dict[str, dict]:
@@ -247,6 +248,29 @@ def test_every_ray_pod_reads_the_history_url_from_the_secret(rendered, kustomiza
         (container,) = spec["containers"]
         env = {entry["name"]: entry for entry in container.get("env", [])}
         assert env["SEQRANK_HISTORY_URL"]["valueFrom"]["secretKeyRef"] == {"name": "seqrank-history", "key": "url"}, where
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_ray_pod_caps_grpc_messages_at_the_serve_config_limit(rendered, kustomization):
+    from serving.config import AppArgs
+
+    rayservice = only(rendered[kustomization], "RayService")
+    limit = AppArgs.parse(serve_config_of(rayservice)["applications"][0]["args"]).local.grpc_max_message_bytes
+    for where, spec, _ in pod_specs([rayservice]):
+        (container,) = spec["containers"]
+        env = {entry["name"]: entry for entry in container.get("env", [])}
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]["value"] == str(limit), where
+
+
+def test_prod_requires_bearer_tokens_from_their_secret_and_dev_leaves_auth_off(rendered):
+    prod = only(rendered["overlays/prod-gpu"], "RayService")
+    assert serve_config_of(prod)["applications"][0]["args"]["ingress"]["auth"] == {"tokens": "env:SEQRANK_TOKENS"}
+    for where, spec, _ in pod_specs([prod]):
+        (container,) = spec["containers"]
+        env = {entry["name"]: entry for entry in container.get("env", [])}
+        assert env["SEQRANK_TOKENS"]["valueFrom"]["secretKeyRef"] == {"name": "seqrank-tokens", "key": "tokens"}, where
+    dev = only(rendered["overlays/dev-cpu"], "RayService")
+    assert serve_config_of(dev)["applications"][0]["args"]["ingress"]["auth"] == {"tokens": ""}
 
 
 def test_prometheus_rules_pass_promtool(rendered, tmp_path):

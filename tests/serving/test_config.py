@@ -57,3 +57,21 @@ def test_model_user_config_requires_exactly_an_artifact_path():
             ModelUserConfig.parse(bad)
     with pytest.raises(ValueError, match="user_config"):
         ModelUserConfig.parse(None)
+
+
+def test_the_largest_request_the_limits_allow_fits_the_proxy_message_limit():
+    """local.grpc_max_message_bytes must never refuse a valid request: ids at max_id_length of 4-byte characters."""
+    from serving.generated.seqrank.v1 import ranking_pb2 as pb
+
+    args = AppArgs.parse(committed_args())
+    limits, widest = args.ingress.limits, "🙂" * args.ingress.limits.max_id_length
+    event = pb.Event(item_id=widest, behavior="add-to-cart-long", timestamp=4_102_444_800)
+    rank = pb.RankRequest(user_id=widest, recent_events=[event] * limits.max_inline_events, k=limits.max_k,
+                          candidate_pool_size=limits.max_candidates, diversity=0.5, exclude_seen=True,
+                          exclude_item_ids=[widest] * limits.max_exclude_ids, request_id=widest)
+    per_user = limits.max_events_per_call // limits.max_users_per_call
+    record = pb.RecordEventsRequest(idempotency_key=widest, users=[
+        pb.UserEvents(user_id=widest, events=[event] * per_user) for _ in range(limits.max_users_per_call)])
+    largest = max(rank.ByteSize(), record.ByteSize())
+    assert largest <= args.local.grpc_max_message_bytes
+    assert largest > args.local.grpc_max_message_bytes / 4  # and the limit is not far above what is needed
