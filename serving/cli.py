@@ -370,6 +370,36 @@ def add_bench_commands(sub) -> None:
     serve.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     serve.set_defaults(func=cmd_bench_serve)
 
+    ann = bench.add_parser("ann", help="HNSW (hnswlib, Faiss) against exact inner-product search: recall@10/100, "
+                                       "queries/s on one thread, build time, index memory; table, JSON and PNG")
+    ann.add_argument("--artifact", default=None, help="use the artifact's trained item vectors (queries: its "
+                                                      "encoder's user vectors) instead of a generated catalogue")
+    ann.add_argument("--num-items", type=int, default=1_000_000, help="generated catalogue size (default: %(default)s)")
+    ann.add_argument("--dim", type=int, default=64, help="generated vector dimension (default: %(default)s)")
+    ann.add_argument("--queries", type=int, default=1000, help="held-out queries (default: %(default)s)")
+    ann.add_argument("--methods", nargs="+", default=["hnswlib", "hnswlib-aug", "faiss", "faiss-aug"],
+                     help="hnswlib, faiss; -aug: on norm-augmented vectors (default: %(default)s)")
+    ann.add_argument("--m", type=int, nargs="+", default=[16, 32, 48], help="HNSW M values (default: %(default)s)")
+    ann.add_argument("--ef-construction", type=int, default=200, help="(default: %(default)s)")
+    ann.add_argument("--ef", type=int, nargs="+", default=[100, 200, 400, 800, 1600],
+                     help="query beams; values below k are raised to k (default: %(default)s)")
+    ann.add_argument("-k", type=int, default=100, help="neighbours per query (default: %(default)s)")
+    ann.add_argument("--build-threads", type=int, default=1, help="threads for index builds (default: %(default)s);"
+                                                                  " searches always use one")
+    ann.add_argument("--repeats", type=int, default=3, help="timed passes, best kept (default: %(default)s)")
+    ann.add_argument("--seed", type=int, default=0)
+    ann.add_argument("--out", default="runs/bench-ann", help="directory for ann.json and ann.png (default: %(default)s)")
+    ann.set_defaults(func=cmd_bench_ann)
+
+    mmr = bench.add_parser("mmr", help="MMR re-ranking time on one thread: C candidates down to k")
+    mmr.add_argument("--candidates", type=int, default=1000, help="(default: %(default)s)")
+    mmr.add_argument("-k", type=int, default=50, help="(default: %(default)s)")
+    mmr.add_argument("--dim", type=int, default=64, help="(default: %(default)s)")
+    mmr.add_argument("--diversity", type=float, nargs="+", default=[0.0, 0.3, 1.0], help="(default: %(default)s)")
+    mmr.add_argument("--repeats", type=int, default=2000, help="timed calls per diversity (default: %(default)s)")
+    mmr.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    mmr.set_defaults(func=cmd_bench_mmr)
+
 
 def cmd_bench_serve(args) -> int:
     from serving.deploy import read_serve_config
@@ -377,6 +407,31 @@ def cmd_bench_serve(args) -> int:
 
     report = bench_serve(read_serve_config(args.config), args.artifact, args.concurrency, args.seconds)
     print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench_ann(args) -> int:
+    from serving.bench_ann import Row, bench_ann, format_table
+
+    report = bench_ann(artifact=args.artifact, num_items=args.num_items, dim=args.dim, num_queries=args.queries,
+                       methods=args.methods, ms=args.m, ef_construction=args.ef_construction, efs=args.ef, k=args.k,
+                       build_threads=args.build_threads, repeats=args.repeats, seed=args.seed, out_dir=Path(args.out))
+    print(f"{report['vectors']}; {report['queries']} queries; searches on one thread, builds on "
+          f"{report['build_threads']}")
+    print(format_table([Row(**row) for row in report["rows"]]))
+    print("\n".join(report["target"]))
+    print(f"wrote {Path(args.out) / 'ann.json'} and {Path(args.out) / 'ann.png'}")
+    return 0
+
+
+def cmd_bench_mmr(args) -> int:
+    from serving.bench_mmr import bench_mmr, format_mmr
+
+    report = bench_mmr(args.candidates, args.k, args.dim, args.diversity, args.repeats)
+    print(format_mmr(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
