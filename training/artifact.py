@@ -170,6 +170,17 @@ def write_artifact(
     return out_dir
 
 
+def load_array(path: Path) -> np.ndarray:
+    """A numeric .npy; never unpickles: an object array (a pickle inside .npy) is an ArtifactError naming the file."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # numpy: "Object arrays cannot be loaded when allow_pickle=False", or a bad header
+        raise ArtifactError(f"{path}: not a plain numeric .npy array ({exc})") from None
+    if array.dtype.kind not in "biuf":
+        raise ArtifactError(f"{path}: dtype {array.dtype} is not numeric")
+    return array
+
+
 def load_artifact(path: str | Path) -> Artifact:
     """Verify every checksum, then load; raises ArtifactError naming the first bad file."""
     path = Path(path)
@@ -192,13 +203,13 @@ def load_artifact(path: str | Path) -> Artifact:
             raise ArtifactError(f"{file_path}: missing; incomplete artifact")
         if sha256_file(file_path) != expected:
             raise ArtifactError(f"{file_path}: sha256 mismatch; the artifact is corrupted")
-    item_vectors = np.load(path / ITEM_VECTORS_FILE, allow_pickle=False)
+    item_vectors = load_array(path / ITEM_VECTORS_FILE)
     item_ids = json.loads((path / ITEM_IDS_FILE).read_text())
     if item_vectors.shape != (manifest["num_items"] + 1, manifest["dim"]) or len(item_ids) != manifest["num_items"] + 1:
         raise ArtifactError(f"{path / ITEM_VECTORS_FILE}: shape {item_vectors.shape} disagrees with the manifest")
     attributes = None
     if ITEM_ATTRIBUTES_FILE in files:
-        attributes = np.load(path / ITEM_ATTRIBUTES_FILE, allow_pickle=False)
+        attributes = load_array(path / ITEM_ATTRIBUTES_FILE)
     return Artifact(
         path=path,
         manifest=manifest,
@@ -206,5 +217,5 @@ def load_artifact(path: str | Path) -> Artifact:
         item_ids=item_ids,
         item_index_of={raw: index for index, raw in enumerate(item_ids) if index != PAD_INDEX},
         item_attributes=attributes,
-        item_popularity=np.load(path / ITEM_POPULARITY_FILE, allow_pickle=False),
+        item_popularity=load_array(path / ITEM_POPULARITY_FILE),
     )

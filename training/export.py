@@ -35,7 +35,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, index_params: IndexPara
         item_vectors=item_vectors,
         item_ids=item_ids,
         item_attributes=attributes,
-        item_popularity=np.load(run_dir / "item_popularity.npy"),
+        item_popularity=np.load(run_dir / "item_popularity.npy", allow_pickle=False),
         index_params=index_params,
         manifest_fields={
             "model_version": new_model_version(name),
