@@ -3,6 +3,7 @@ serving.app:build_app`, its `args` parsed once into `AppArgs`.
 
     gRPC proxy -> RankingIngress -> Encoder     (user vectors; batched; own pool: autoscaling, GPU)
                                  -> Retrieval   (hnswlib search, batched, then MMR in the same replica)
+                                      [-> RetrievalShard0..S-1]  (retrieval.num_shards > 1: the index split)
                                  [-> Reranker]  (MMR as its own stage)
 
 Retrieval and re-ranking are classes of their own (serving/retrieval.py, serving/rerank.py); whether each runs
@@ -25,11 +26,18 @@ from serving.encoder import Encoder
 from serving.ingress import RankingIngress
 from serving.rerank import Reranker
 from serving.retrieval import Retrieval
+from serving.shards import RetrievalShard, shard_deployment_name
 
 
 def build_app(args: Mapping[str, Any] | AppArgs) -> Application:
     app_args = AppArgs.parse(args)
     encoder = Encoder.bind(app_args.encoder)
-    retrieval = Retrieval.bind(app_args.retrieval) if app_args.retrieval.placement == OWN_DEPLOYMENT else None
+    shards = []
+    if app_args.retrieval.num_shards > 1:  # one deployment per shard, each with its own replicas
+        shards = [RetrievalShard.options(name=shard_deployment_name(shard)).bind(app_args.retrieval, shard)
+                  for shard in range(app_args.retrieval.num_shards)]
+    retrieval = None
+    if app_args.retrieval.placement == OWN_DEPLOYMENT:
+        retrieval = Retrieval.bind(app_args.retrieval, *shards)
     reranker = Reranker.bind(app_args.rerank) if app_args.rerank.placement == OWN_DEPLOYMENT else None
     return RankingIngress.bind(app_args.ingress, app_args.retrieval, encoder, retrieval, reranker)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.auth import AuthConfig
 from serving.history import HistoryConfig
@@ -48,6 +48,19 @@ class RetrievalArgs(Section):
     ef: int | None = Field(None, ge=1)  # hnswlib query beam; None = the artifact's ef_search (manifest)
     max_batch_size: int = Field(64, ge=1)  # own deployment only; >= ingress.max_batch_size
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
+    # Sharding (serving/shards.py), own deployment only: > 1 splits the index over that many RetrievalShard<s>
+    # deployments (item i in shard (i - 1) % num_shards), each with its own replicas; Retrieval merges their top-k.
+    num_shards: int = Field(1, ge=1)
+    # MiB one shard replica may spend on its index (vectors included); `seqrank serve` and `seqrank deploy` raise
+    # num_shards until the artifact's index fits (serving/deploy.py `plan_shards`). None: no budget.
+    shard_memory_budget_mb: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _shards_need_own_deployment(self) -> "RetrievalArgs":
+        if self.num_shards > 1 and self.placement != OWN_DEPLOYMENT:
+            raise ValueError(f"retrieval.num_shards: {self.num_shards} shards need retrieval.placement "
+                             f"{OWN_DEPLOYMENT!r}, got {self.placement!r}")
+        return self
 
 
 class RerankArgs(Section):

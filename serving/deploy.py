@@ -10,6 +10,7 @@ config fails here, loudly, while the running version keeps serving.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
@@ -22,7 +23,8 @@ from pydantic import ValidationError
 from serving.config import OWN_DEPLOYMENT, SERVE_CONFIG_PATH, AppArgs, ModelUserConfig
 from serving.history import SQLITE_URL_PREFIX
 from serving.k8s_render import check_serve_config
-from training.artifact import load_artifact
+from serving.shards import SHARD_DEPLOYMENT_PREFIX, plan_num_shards, shard_deployment_name
+from training.artifact import MANIFEST_FILE, load_artifact
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +58,14 @@ def application(config: dict) -> dict:
     return apps[0]
 
 
+def is_model_deployment(name: str | None) -> bool:
+    """Deployments that load the artifact: MODEL_DEPLOYMENTS and the retrieval shards."""
+    return name in MODEL_DEPLOYMENTS or (name or "").startswith(SHARD_DEPLOYMENT_PREFIX)
+
+
 def localize(config: dict, *, artifact_path: str | Path | None = None, base_dir: Path | None = None) -> dict:
-    """A copy with `artifact_path` set on every model deployment and relative paths made absolute.
+    """A copy with `artifact_path` set on every model deployment, relative paths made absolute, and the
+    retrieval shards planned for the artifact (`plan_shards`).
 
     Replicas do not share the caller's working directory, so `artifacts/current` and `sqlite:///x.db` are
     resolved against `base_dir` (default: the current directory).
@@ -66,7 +74,7 @@ def localize(config: dict, *, artifact_path: str | Path | None = None, base_dir:
     base_dir = (base_dir or Path.cwd()).resolve()
     app = application(config)
     for deployment in app.get("deployments", []):
-        if deployment.get("name") not in MODEL_DEPLOYMENTS:
+        if not is_model_deployment(deployment.get("name")):
             continue
         user_config = deployment.setdefault("user_config", {})
         path = artifact_path if artifact_path is not None else user_config.get("artifact_path")
@@ -76,6 +84,35 @@ def localize(config: dict, *, artifact_path: str | Path | None = None, base_dir:
     url = history.get("url")
     if isinstance(url, str) and url.startswith(SQLITE_URL_PREFIX) and not url.startswith(SQLITE_URL_PREFIX + "/"):
         history["url"] = SQLITE_URL_PREFIX + str(base_dir / url[len(SQLITE_URL_PREFIX):])
+    return plan_shards(config)
+
+
+def plan_shards(config: dict) -> dict:
+    """With `retrieval.shard_memory_budget_mb` set, raises `retrieval.num_shards` until one shard's index fits
+    the budget (sizes from the Retrieval deployment's artifact manifest); then gives every shard without a
+    `RetrievalShard<s>` entry a copy of the Retrieval entry (replicas, resources, user_config). In place."""
+    app = application(config)
+    retrieval = app.get("args", {}).get("retrieval", {})
+    deployments = app.setdefault("deployments", [])
+    by_name = {d.get("name"): d for d in deployments}
+    template = by_name.get(RETRIEVAL_DEPLOYMENT)
+    num_shards = retrieval.get("num_shards", 1)
+    budget = retrieval.get("shard_memory_budget_mb")
+    if budget is not None and template is not None:
+        artifact_path = template.get("user_config", {}).get("artifact_path")
+        manifest_path = Path(str(artifact_path)) / MANIFEST_FILE
+        if artifact_path is not None and manifest_path.is_file():  # otherwise preflight names the problem
+            manifest = json.loads(manifest_path.read_text())
+            planned = plan_num_shards(manifest["num_items"], manifest["dim"], manifest["index"]["M"], budget,
+                                      num_shards)
+            if planned != num_shards:
+                logger.info("retrieval: the index needs %d shards to fit %s MB per shard", planned, budget)
+                retrieval["num_shards"] = num_shards = planned
+    if isinstance(num_shards, int) and num_shards > 1 and template is not None:
+        for shard in range(num_shards):
+            name = shard_deployment_name(shard)
+            if name not in by_name:
+                deployments.append({**copy.deepcopy(template), "name": name})
     return config
 
 
@@ -98,7 +135,7 @@ def preflight(config: dict) -> AppArgs:
                           f"{args.retrieval.placement!r} and rerank.placement {args.rerank.placement!r} "
                           f"(deployments: {list(bound)})")
     artifact_paths = set()
-    for name in (n for n in bound if n in MODEL_DEPLOYMENTS):
+    for name in (n for n in bound if is_model_deployment(n)):
         try:
             artifact_paths.add(ModelUserConfig.parse(deployments.get(name, {}).get("user_config")).artifact_path)
         except (ValidationError, ValueError) as error:
@@ -125,6 +162,8 @@ def bound_deployments(args: AppArgs) -> tuple[str, ...]:
     names = [INGRESS_DEPLOYMENT, ENCODER_DEPLOYMENT]
     if args.retrieval.placement == OWN_DEPLOYMENT:
         names.append(RETRIEVAL_DEPLOYMENT)
+    if args.retrieval.num_shards > 1:
+        names += [shard_deployment_name(shard) for shard in range(args.retrieval.num_shards)]
     if args.rerank.placement == OWN_DEPLOYMENT:
         names.append(RERANKER_DEPLOYMENT)
     return tuple(names)

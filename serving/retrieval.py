@@ -3,7 +3,9 @@
 Exclusions (items seen, items the caller excludes) are applied after the index search rather than inside it,
 so the index stays shared and read-only. To still return k items, the search over-fetches: see `fetch_size`.
 Queries of concurrent requests run as one batched `knn_query`; by default the same replica then re-ranks
-(`serving.rerank.rerank`, a function call instead of another deployment hop).
+(`serving.rerank.rerank`, a function call instead of another deployment hop). With `retrieval.num_shards` > 1
+the index lives in RetrievalShard deployments (serving/shards.py) and this stage asks each shard for the same
+over-fetch and merges, so exclusions and re-ranking work unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import AbstractSet
 
 import numpy as np
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from serving.batching import count_items, flatten, group_by_model, split
 from serving.catalogue import Catalogue, History
@@ -21,6 +24,7 @@ from serving.messages import CandidateSet, RankedList, RetrievalRequest
 from serving.metrics import STAGE_RETRIEVE, ServingMetrics
 from serving.reload import ModelSlot
 from serving.rerank import rerank
+from serving.shards import RemoteShards
 from training.artifact import Artifact
 
 
@@ -94,7 +98,7 @@ class LoadedIndex:
     """One model version's retrieval state, built completely before it is swapped in."""
 
     catalogue: Catalogue
-    index: object  # hnswlib.Index over items 1..I, read-only once built
+    index: object | None  # hnswlib.Index over items 1..I, read-only once built; None when shards hold it
     item_vectors: np.ndarray  # (I+1, D) float32
 
     @property
@@ -102,9 +106,11 @@ class LoadedIndex:
         return self.catalogue.model_version
 
     @classmethod
-    def from_artifact(cls, artifact: Artifact, ef: int | None) -> LoadedIndex:
-        index = artifact.load_index(ef)
-        index.set_num_threads(1)  # one query row per request: batch rows are cheap, threads would contend
+    def from_artifact(cls, artifact: Artifact, ef: int | None, sharded: bool = False) -> LoadedIndex:
+        index = None
+        if not sharded:
+            index = artifact.load_index(ef)
+            index.set_num_threads(1)  # one query row per request: batch rows are cheap, threads would contend
         return cls(catalogue=Catalogue.from_artifact(artifact), index=index, item_vectors=artifact.item_vectors)
 
 
@@ -128,10 +134,13 @@ class RetrievalStage:
     `prepare` does every per-request check, so the batched `search` only sees valid queries.
     """
 
-    def __init__(self, args: RetrievalArgs, metrics: ServingMetrics, owner: str = "retrieval") -> None:
+    def __init__(self, args: RetrievalArgs, metrics: ServingMetrics, owner: str = "retrieval",
+                 shards: RemoteShards | None = None) -> None:
         self._metrics = metrics
+        self._shards = shards  # None: this replica holds the whole index
         self.models: ModelSlot[LoadedIndex] = ModelSlot(
-            owner, lambda artifact: LoadedIndex.from_artifact(artifact, args.ef), metrics.observe_reload
+            owner, lambda artifact: LoadedIndex.from_artifact(artifact, args.ef, sharded=shards is not None),
+            metrics.observe_reload,
         )
 
     def prepare(self, request: RetrievalRequest) -> _Search:
@@ -150,14 +159,20 @@ class RetrievalStage:
         """(labels, inner products) per query, best first: one knn_query per model version in the batch."""
         self._metrics.observe_batch(STAGE_RETRIEVE, len(searches))
         results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(searches)  # type: ignore[list-item]
-        for loaded, positions in group_by_model(searches, lambda search: search.loaded):
-            fetch = max(searches[p].fetch for p in positions)
-            vectors = np.stack([searches[p].user_vector for p in positions])  # (b, D)
+        for loaded, positions, vectors, fetch in _model_groups(searches):
             labels, distances = loaded.index.knn_query(vectors, k=fetch)  # (b, fetch), best first
-            scores = ip_scores(distances)
-            for row, position in enumerate(positions):
-                own = searches[position].fetch  # a longer beam's first `own` results are at least as good
-                results[position] = (labels[row, :own].astype(np.int64), scores[row, :own])
+            _assign(results, searches, positions, labels, ip_scores(distances))
+        return results
+
+    async def search_async(self, searches: list[_Search]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`search`, or with shards one call per shard per model version in the batch, merged."""
+        if self._shards is None:
+            return self.search(searches)
+        self._metrics.observe_batch(STAGE_RETRIEVE, len(searches))
+        results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(searches)  # type: ignore[list-item]
+        for loaded, positions, vectors, fetch in _model_groups(searches):
+            labels, scores = await self._shards.knn(loaded.model_version, vectors, fetch)  # (b, fetch)
+            _assign(results, searches, positions, labels, scores)
         return results
 
     def candidates(self, search: _Search, labels: np.ndarray, scores: np.ndarray) -> CandidateSet:
@@ -180,6 +195,20 @@ class RetrievalStage:
         return [self.candidates(search, labels, scores) for search, (labels, scores) in zip(searches, results)]
 
 
+def _model_groups(searches: list[_Search]):
+    """(loaded, positions, vectors (b, D), fetch) per model version in the batch; fetch = the longest asked."""
+    for loaded, positions in group_by_model(searches, lambda search: search.loaded):
+        fetch = max(searches[p].fetch for p in positions)
+        yield loaded, positions, np.stack([searches[p].user_vector for p in positions]), fetch
+
+
+def _assign(results: list, searches: list[_Search], positions: list[int], labels: np.ndarray,
+            scores: np.ndarray) -> None:
+    for row, position in enumerate(positions):
+        own = searches[position].fetch  # a longer beam's first `own` results are at least as good
+        results[position] = (labels[row, :own].astype(np.int64), scores[row, :own])
+
+
 def rerank_all(candidate_sets: list[CandidateSet], requests: list[RetrievalRequest]) -> list[RankedList]:
     return [rerank(candidates, request.k, request.diversity) for candidates, request in zip(candidate_sets, requests)]
 
@@ -187,10 +216,11 @@ def rerank_all(candidate_sets: list[CandidateSet], requests: list[RetrievalReque
 @serve.deployment(max_ongoing_requests=64)
 class Retrieval:
     """The retrieval stage as its own deployment (`retrieval.placement: deployment`); `rank` also re-ranks
-    (rerank.placement: retrieval), `retrieve` stops at candidates for the Reranker deployment."""
+    (rerank.placement: retrieval), `retrieve` stops at candidates for the Reranker deployment. Given shard
+    handles (`retrieval.num_shards` > 1) it holds no index itself and merges the shards' answers."""
 
-    def __init__(self, args: RetrievalArgs) -> None:
-        self._stage = RetrievalStage(args, ServingMetrics())
+    def __init__(self, args: RetrievalArgs, *shards: DeploymentHandle) -> None:
+        self._stage = RetrievalStage(args, ServingMetrics(), shards=RemoteShards(shards) if shards else None)
         self._search_batch.set_max_batch_size(args.max_batch_size)
         self._search_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
@@ -210,4 +240,4 @@ class Retrieval:
 
     @serve.batch(batch_size_fn=count_items)
     async def _search_batch(self, calls: list[list[_Search]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        return split(self._stage.search(flatten(calls)), calls)
+        return split(await self._stage.search_async(flatten(calls)), calls)
