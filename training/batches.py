@@ -3,6 +3,10 @@
 Batches are length-bucketed: users are sorted by history length (random tie-breaks that change each epoch), cut
 into batches, and the batch order is shuffled. Each batch is right-padded only to its own longest history, so on
 short-sequence data (Beauty averages 8.9 events) almost no padding is computed.
+
+Data-parallel training gives each worker a `Shard`: every worker draws the same batch order (from an `order_rng`
+seeded identically on all of them) and keeps every world_size-th batch, like torch's DistributedSampler over
+batches instead of samples; the list is first padded by repeating its head so every worker runs as many steps.
 """
 
 from __future__ import annotations
@@ -16,6 +20,14 @@ import torch
 from training.artifact import PAD_INDEX
 from training.data import SequenceData, history_bounds
 from training.model import EncoderConfig
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Worker `rank` of `world_size` data-parallel workers."""
+
+    rank: int
+    world_size: int
 
 
 @dataclass(frozen=True)
@@ -49,20 +61,41 @@ def length_bucketed_order(lengths: np.ndarray, batch_size: int, rng: np.random.G
     return batches
 
 
+def shard_batches(batches: list[np.ndarray], shard: Shard | None) -> list[np.ndarray]:
+    """This worker's batches: every world_size-th one, after padding the list with its own head to a multiple of
+    world_size (DistributedSampler's rule), so all workers take the same number of steps."""
+    if shard is None or shard.world_size == 1:
+        return batches
+    padded = batches + batches[: -len(batches) % shard.world_size]
+    return padded[shard.rank :: shard.world_size]
+
+
+def sharded_batch_size(batch_size: int, shard: Shard | None) -> int:
+    """Users per worker batch, so that one data-parallel step still covers about `batch_size` users."""
+    return batch_size if shard is None else -(-batch_size // shard.world_size)
+
+
+def _epoch_order(lengths, batch_size, rng, order_rng, shard) -> list[np.ndarray]:
+    batches = length_bucketed_order(lengths, sharded_batch_size(batch_size, shard), rng if order_rng is None else order_rng)
+    return shard_batches(batches, shard)
+
+
 def causal_train_batches(
-    data: SequenceData, config: EncoderConfig, batch_size: int, rng: np.random.Generator, item_dropout: float = 0.0
+    data: SequenceData, config: EncoderConfig, batch_size: int, rng: np.random.Generator, item_dropout: float = 0.0,
+    shard: Shard | None = None, order_rng: np.random.Generator | None = None,
 ) -> Iterator[TrainBatch]:
     """Next-item batches: input events [0, n-1) of each train history, target events [1, n); newest max_len kept.
 
     item_dropout: share of input items replaced by [MASK] (targets unchanged), a regulariser for sparse logs:
-    the model cannot lean on any single past item.
+    the model cannot lean on any single past item. shard/order_rng: see the module docstring (order_rng defaults
+    to rng, which also draws the dropout).
     """
     start, end = history_bounds(data, "train")
     usable = np.flatnonzero(end - start >= 2)
     total = end[usable] - start[usable]
     window = np.minimum(total, config.max_len + 1)  # inputs + the one extra target
     first = end[usable] - window
-    for batch in length_bucketed_order(window, batch_size, rng):
+    for batch in _epoch_order(window, batch_size, rng, order_rng, shard):
         lengths = window[batch] - 1
         items = gather_padded(data.items, first[batch], lengths)
         targets = gather_padded(data.items, first[batch] + 1, lengths)
@@ -78,14 +111,15 @@ def causal_train_batches(
 
 
 def masked_train_batches(
-    data: SequenceData, config: EncoderConfig, batch_size: int, mask_probability: float, rng: np.random.Generator
+    data: SequenceData, config: EncoderConfig, batch_size: int, mask_probability: float, rng: np.random.Generator,
+    shard: Shard | None = None, order_rng: np.random.Generator | None = None,
 ) -> Iterator[TrainBatch]:
     """BERT4Rec batches: random positions replaced by [MASK] and predicted; the newest one is masked half the time."""
     start, end = history_bounds(data, "train")
     usable = np.flatnonzero(end - start >= 2)
     window = np.minimum(end[usable] - start[usable], config.max_len)
     first = end[usable] - window
-    for batch in length_bucketed_order(window, batch_size, rng):
+    for batch in _epoch_order(window, batch_size, rng, order_rng, shard):
         lengths = window[batch]
         items = gather_padded(data.items, first[batch], lengths).astype(np.int64)
         real = items != PAD_INDEX

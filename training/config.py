@@ -69,6 +69,8 @@ class OptimConfig:
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = True  # bf16 autocast on CUDA only
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    sparse_item_embeddings: bool = False  # item table: sparse gradients + SparseAdam, so a step costs O(rows it
+    # touches), not O(catalogue); for sampled softmax on large catalogues (BENCHMARKS.md section 3)
 
 
 @dataclass
@@ -76,6 +78,16 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     batch_size: int = 1024
     valid_users: int = 0  # validate on a fixed random subset of users for speed; 0 = all
+    test_users: int = 0  # final valid and test evaluation on a fixed random subset of users; 0 = all
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "local"  # local (this process) | ray (data-parallel workers through Ray Train's TorchTrainer)
+    num_workers: int = 2  # ray only; optim.batch_size is the global batch, split evenly across the workers
+    use_gpu: bool = False  # ray only: one GPU per worker (NCCL), else CPU workers (gloo)
+    cpus_per_worker: int = 1  # ray only; also each worker's torch threads unless optim.num_threads is set
+    address: str = ""  # ray only: "" starts a private local Ray for the run; "auto" or ray://... joins a cluster
 
 
 @dataclass
@@ -84,6 +96,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,6 +188,7 @@ def validate_config(config: TrainConfig) -> None:
         "optim.device": (config.optim.device, ("auto", "cpu", "cuda")),
         "model.similarity": (config.model.similarity, ("dot", "cosine")),
         "optim.lr_schedule": (config.optim.lr_schedule, ("constant", "cosine")),
+        "distributed.backend": (config.distributed.backend, ("local", "ray")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -188,6 +202,8 @@ def validate_config(config: TrainConfig) -> None:
         "optim.max_epochs": config.optim.max_epochs,
         "optim.num_negatives": config.optim.num_negatives,
         "eval.batch_size": config.eval.batch_size,
+        "distributed.num_workers": config.distributed.num_workers,
+        "distributed.cpus_per_worker": config.distributed.cpus_per_worker,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -203,3 +219,6 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"data.kcore: must be >= 0, got {config.data.kcore}")
     if not config.eval.ks or any(k <= 0 for k in config.eval.ks):
         raise ConfigError(f"eval.ks: must be positive integers, got {config.eval.ks}")
+    if config.optim.sparse_item_embeddings and config.distributed.backend == "ray":
+        raise ConfigError("optim.sparse_item_embeddings: not supported with distributed.backend=ray (DDP all-reduces "
+                          "dense gradients; sparse ones need gloo and are untested here)")

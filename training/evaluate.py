@@ -72,11 +72,12 @@ def item_popularity(data: SequenceData, split: str) -> np.ndarray:
     return np.bincount(visible, minlength=data.num_items + 1).astype(np.float64)
 
 
-def evaluate_popularity(data: SequenceData, split: str, ks: list[int], batch_size: int = 1024) -> dict[str, float]:
+def evaluate_popularity(data: SequenceData, split: str, ks: list[int], batch_size: int = 1024,
+                        users: np.ndarray | None = None) -> dict[str, float]:
     """Most-popular baseline: every user gets the same scores, seen items masked as for the model."""
-    popularity = torch.from_numpy(item_popularity(data, split))
+    popularity = torch.from_numpy(item_popularity(data, split)).float()  # counts stay exact below 2**24
     all_ranks, all_top = [], []
-    for batch in eval_batches(data, split, batch_size):
+    for batch in eval_batches(data, split, batch_size, users):
         scores = popularity.unsqueeze(0).repeat(len(batch.users), 1)
         ranks, top = rank_batch(scores, batch, max(ks))
         all_ranks.append(ranks)

@@ -8,6 +8,10 @@ Run directory layout (everything evaluation and export need, nothing pickled):
     metrics.jsonl        one line per epoch: loss, validation metrics, seconds
     valid_metrics.json, test_metrics.json   of the best checkpoint
     curves.png           loss and validation NDCG@10 / HR@10 per epoch
+
+The same `fit` runs data-parallel under Ray Train (`distributed.backend: ray`, training/distributed.py): there it is
+given a `Worker` that shards the batches, wraps the objective in DDP and averages the logged loss; evaluation,
+early stopping and every file of the run directory stay on rank 0, which tells the others when to stop.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +30,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from training.artifact import PAD_INDEX
-from training.batches import TrainBatch, causal_train_batches, masked_train_batches
+from training.batches import Shard, TrainBatch, causal_train_batches, masked_train_batches, sharded_batch_size
 from training.config import TrainConfig
 from training.data import SequenceData, load_sequences
 from training.evaluate import evaluate_model, item_popularity
@@ -65,17 +70,54 @@ def encoder_config_for(config: TrainConfig, data: SequenceData) -> EncoderConfig
     )
 
 
+@dataclass
+class Worker:
+    """This process's part in training. The default is single-process training; training/distributed.py provides
+    the data-parallel one (rank, DDP wrapping, all-reduce), so `fit` has a single loop for both."""
+
+    shard: Shard | None = None
+    device: torch.device | None = None  # None: resolve optim.device
+
+    @property
+    def is_chief(self) -> bool:
+        """Rank 0: evaluates, decides when to stop and writes the run directory."""
+        return self.shard is None or self.shard.rank == 0
+
+    def wrap(self, objective: torch.nn.Module) -> torch.nn.Module:
+        return objective
+
+    def mean(self, value: float) -> float:
+        """Average of `value` over the workers."""
+        return value
+
+    def loss_weight(self, positions: int) -> float:
+        """Factor on this worker's mean loss over `positions` predicted positions such that DDP's gradient average
+        equals the gradient of the mean over every worker's positions, as one process would compute it."""
+        return 1.0
+
+    def chief_decides(self, flag: bool) -> bool:
+        """Rank 0's `flag`, on every worker."""
+        return flag
+
+
 class NegativeSampler:
-    """Draws negatives from the training item distribution and knows each one's log expected count (logQ)."""
+    """Draws negatives from the training item distribution and knows each one's log expected count (logQ).
+
+    Sampling inverts a precomputed float64 CDF (O(M log I) per draw of M), where torch.multinomial would rebuild
+    it over the whole catalogue every step.
+    """
 
     def __init__(self, popularity: np.ndarray, device: torch.device):
         counts = torch.as_tensor(popularity, dtype=torch.float64)
         counts[PAD_INDEX] = 0
-        self.probabilities = (counts / counts.sum()).float().to(device)
-        self.log_probabilities = torch.log(self.probabilities.clamp(min=1e-12))
+        probabilities = counts / counts.sum()
+        self.cumulative = probabilities.cumsum(0).to(device)  # (I+1,)
+        self.log_probabilities = torch.log(probabilities.float().clamp(min=1e-12)).to(device)  # (I+1,)
 
     def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.multinomial(self.probabilities, count, replacement=True, generator=generator)
+        uniform = torch.rand(count, dtype=torch.float64, generator=generator, device=self.cumulative.device)
+        drawn = torch.searchsorted(self.cumulative, uniform * self.cumulative[-1], right=True)
+        return drawn.clamp(max=len(self.cumulative) - 1)
 
 
 def batch_loss(model: SequenceEncoder, batch: TrainBatch, config: TrainConfig, sampler: NegativeSampler | None):
@@ -92,13 +134,24 @@ def batch_loss(model: SequenceEncoder, batch: TrainBatch, config: TrainConfig, s
         negatives = sampler.sample(config.optim.num_negatives)  # (M,) shared by the batch
         unique, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
         vectors = model.output_item_vectors(unique)[inverse]  # only the sampled rows: O(batch), not O(catalogue)
-        expected = sampler.log_probabilities + np.log(config.optim.num_negatives)
+        log_count = np.log(config.optim.num_negatives)  # log expected count = log q + log M, gathered per row only
         return sampled_softmax_loss(
-            user_vectors, vectors[: len(targets)], vectors[len(targets):], expected[targets], expected[negatives],
-            targets.unsqueeze(1) == negatives.unsqueeze(0),
+            user_vectors, vectors[: len(targets)], vectors[len(targets):], sampler.log_probabilities[targets] + log_count,
+            sampler.log_probabilities[negatives] + log_count, targets.unsqueeze(1) == negatives.unsqueeze(0),
         )
     negatives = torch.randint(1, model.config.num_items + 1, targets.shape, device=targets.device)
     return bce_loss(user_vectors, model.output_item_vectors(targets), model.output_item_vectors(negatives))
+
+
+class TrainingObjective(torch.nn.Module):
+    """The model and its loss as one module, so a DDP wrapper sees the whole step inside its forward."""
+
+    def __init__(self, model: SequenceEncoder, config: TrainConfig, sampler: NegativeSampler | None):
+        super().__init__()
+        self.model, self.config, self.sampler = model, config, sampler
+
+    def forward(self, batch: TrainBatch) -> torch.Tensor:
+        return batch_loss(self.model, batch, self.config, self.sampler)
 
 
 def seen_before(batch: TrainBatch, positions: torch.Tensor, num_items: int) -> torch.Tensor:
@@ -114,6 +167,46 @@ def seen_before(batch: TrainBatch, positions: torch.Tensor, num_items: int) -> t
     seen = seen[positions]  # (N, T)
     keep = (seen != batch.targets[positions].unsqueeze(1)) & (seen <= num_items)  # [MASK] inputs are not items
     return seen.masked_fill(~keep, PAD_INDEX)
+
+
+def build_optimizers(model: SequenceEncoder, optim) -> list[torch.optim.Optimizer]:
+    """AdamW over every parameter; with optim.sparse_item_embeddings the item table goes to SparseAdam instead.
+
+    Dense AdamW reads and writes the whole (I+2, D) table and its two moment buffers every step, and backward
+    materialises a dense (I+2, D) gradient: O(catalogue) per step, which dominates a sampled-softmax step on a
+    million items (BENCHMARKS.md section 3). SparseAdam updates only the rows a step touched (lazy Adam: a row's
+    moments age only when it is seen); it has no weight decay, so the table gets none in that mode.
+    """
+    if not optim.sparse_item_embeddings:
+        return [torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)]
+    model.item_embedding.sparse = True  # a training-time switch of nn.Embedding: backward returns a sparse gradient
+    table = model.item_embedding.weight
+    dense = [p for p in model.parameters() if p is not table]
+    return [torch.optim.AdamW(dense, lr=optim.lr, weight_decay=optim.weight_decay),
+            torch.optim.SparseAdam([table], lr=optim.lr)]
+
+
+def clip_gradients(parameters, max_norm: float) -> float:
+    """clip_grad_norm_ that also takes sparse gradients (coalesced first, so repeated rows count once)."""
+    grads = []
+    for p in parameters:
+        if p.grad is not None:
+            if p.grad.is_sparse:
+                p.grad = p.grad.coalesce()
+            grads.append(p.grad)
+    norms = [(g._values() if g.is_sparse else g).detach().float().norm() for g in grads]
+    total = torch.stack(norms).norm() if norms else torch.zeros(())
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.to(g.device, g.dtype))
+    return float(total)
+
+
+def steps_per_epoch(data: SequenceData, batch_size: int, shard: Shard | None) -> int:
+    """Optimizer steps in one epoch (per worker under a shard): users with a trainable history over the batch."""
+    sequences = int(np.sum(np.diff(data.offsets) > 3))
+    batches = -(-sequences // sharded_batch_size(batch_size, shard))
+    return batches if shard is None else -(-batches // shard.world_size)
 
 
 def lr_factor(step: int, total_steps: int, optim) -> float:
@@ -158,79 +251,118 @@ def write_run_metadata(run_dir: Path, config: TrainConfig, data: SequenceData) -
     (run_dir / "data.json").write_text(json.dumps(info, indent=2))
 
 
-def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = None, progress: bool = True) -> dict:
-    """Train, keep the best checkpoint by validation NDCG@10, evaluate it on test; returns the test metrics."""
+def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = None, progress: bool = True,
+        worker: Worker | None = None) -> dict:
+    """Train, keep the best checkpoint by validation NDCG@10, evaluate it on test; returns the test metrics.
+
+    distributed.backend=ray hands the run to Ray Train, whose workers call back into this function with their
+    `Worker`; non-chief workers return {}.
+    """
+    if worker is None and config.distributed.backend == "ray":
+        from training.distributed import fit_with_ray  # imports Ray only when asked for
+
+        return fit_with_ray(config, run_dir, data, progress)
+    worker = worker or Worker()
+    chief, shard = worker.is_chief, worker.shard
     run_dir = Path(run_dir)
     seed_everything(config.optim.seed)
     if config.optim.num_threads:
         torch.set_num_threads(config.optim.num_threads)
-    device = resolve_device(config.optim.device)
+    device = worker.device or resolve_device(config.optim.device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" and config.optim.bf16 else None
     data = data if data is not None else load_sequences(config.data)
-    write_run_metadata(run_dir, config, data)
+    if chief:
+        write_run_metadata(run_dir, config, data)
 
     model = SequenceEncoder(encoder_config_for(config, data), data.item_attributes).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    steps_per_epoch = -(-int(np.sum(np.diff(data.offsets) > 3)) // config.optim.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch * config.optim.max_epochs, config.optim)
-    )
+    optimizers = build_optimizers(model, config.optim)
+    total_steps = steps_per_epoch(data, config.optim.batch_size, shard) * config.optim.max_epochs
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_factor(step, total_steps, config.optim))
+                 for o in optimizers]
     sampler = NegativeSampler(item_popularity(data, "train"), device) if config.optim.loss == "sampled" else None
+    objective = worker.wrap(TrainingObjective(model, config, sampler))
     rng = np.random.default_rng(config.optim.seed)
-    valid_users = None
-    if config.eval.valid_users and config.eval.valid_users < data.num_users:
-        valid_users = np.sort(rng.choice(data.num_users, config.eval.valid_users, replace=False))
+    valid_users = subsample_users(data, config.eval.valid_users, rng)
+    if shard is not None:  # dropout and negatives differ per worker; the batch order comes from a shared rng below
+        torch.manual_seed(config.optim.seed + 7919 * shard.rank)
+        rng = np.random.default_rng([config.optim.seed, shard.rank])
 
     history: list[dict] = []
     best_score, best_epoch, started = -1.0, 0, time.perf_counter()
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    metrics_file = open(run_dir / "metrics.jsonl", "w") if chief else None
     for epoch in range(1, config.optim.max_epochs + 1):
-        model.train()
+        objective.train()
         epoch_start, total_loss, steps = time.perf_counter(), 0.0, 0
+        order_rng = None if shard is None else np.random.default_rng([config.optim.seed, epoch])  # same on every rank
         if model.config.causal:
-            batches = causal_train_batches(data, model.config, config.optim.batch_size, rng, config.model.item_dropout)
+            batches = causal_train_batches(data, model.config, config.optim.batch_size, rng, config.model.item_dropout,
+                                           shard, order_rng)
         else:
-            batches = masked_train_batches(data, model.config, config.optim.batch_size, config.model.mask_probability, rng)
-        for batch in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
+            batches = masked_train_batches(data, model.config, config.optim.batch_size, config.model.mask_probability,
+                                           rng, shard, order_rng)
+        for batch in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not (progress and chief)):
             batch = batch.to(device)
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = batch_loss(model, batch, config, sampler)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+                loss = objective(batch)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            (loss * worker.loss_weight(int((batch.targets != PAD_INDEX).sum())) if shard else loss).backward()
             if config.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            optimizer.step()
-            schedule.step()
+                clip_gradients(model.parameters(), config.optim.grad_clip)
+            for optimizer, schedule in zip(optimizers, schedules):
+                optimizer.step()
+                schedule.step()
             total_loss += loss.item()
             steps += 1
         train_seconds = time.perf_counter() - epoch_start
-        valid = evaluate_model(model, data, "valid", config.eval.ks, config.eval.batch_size, device, valid_users, amp_dtype)
-        record = {
-            "epoch": epoch, "loss": total_loss / max(steps, 1), "valid": valid, "train_seconds": train_seconds,
-            "epoch_seconds": time.perf_counter() - epoch_start, "elapsed_seconds": time.perf_counter() - started,
-        }
-        history.append(record)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        improved = valid[SELECTION_METRIC] > best_score
-        if improved:
-            best_score, best_epoch = valid[SELECTION_METRIC], epoch
-            save_encoder(model, run_dir)
-        if progress:
-            tqdm.write(
-                f"epoch {epoch:3d}  loss {record['loss']:.4f}  valid NDCG@10 {valid['NDCG@10']:.4f}  "
-                f"HR@10 {valid['HR@10']:.4f}  {record['epoch_seconds']:.1f}s{'  *' if improved else ''}"
-            )
-        if epoch - best_epoch >= config.optim.patience:
+        mean_loss = worker.mean(total_loss / max(steps, 1))
+        stop = False
+        if chief:
+            valid = evaluate_model(model, data, "valid", config.eval.ks, config.eval.batch_size, device, valid_users,
+                                   amp_dtype)
+            record = {
+                "epoch": epoch, "loss": mean_loss, "valid": valid, "train_seconds": train_seconds,
+                "epoch_seconds": time.perf_counter() - epoch_start, "elapsed_seconds": time.perf_counter() - started,
+            }
+            history.append(record)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            improved = valid[SELECTION_METRIC] > best_score
+            if improved:
+                best_score, best_epoch = valid[SELECTION_METRIC], epoch
+                save_encoder(model, run_dir)
+            if progress:
+                tqdm.write(
+                    f"epoch {epoch:3d}  loss {record['loss']:.4f}  valid NDCG@10 {valid['NDCG@10']:.4f}  "
+                    f"HR@10 {valid['HR@10']:.4f}  {record['epoch_seconds']:.1f}s{'  *' if improved else ''}"
+                )
+            stop = epoch - best_epoch >= config.optim.patience
+        if worker.chief_decides(stop):
             break
+    if not chief:
+        return {}
     metrics_file.close()
     plot_curves(history, run_dir / "curves.png")
 
     best = load_encoder_dir(run_dir, device)
-    valid = evaluate_model(best, data, "valid", config.eval.ks, config.eval.batch_size, device, None, amp_dtype)
-    test = evaluate_model(best, data, "test", config.eval.ks, config.eval.batch_size, device, None, amp_dtype)
+    final_users = final_evaluation_users(data, config)
+    valid = evaluate_model(best, data, "valid", config.eval.ks, config.eval.batch_size, device, final_users, amp_dtype)
+    test = evaluate_model(best, data, "test", config.eval.ks, config.eval.batch_size, device, final_users, amp_dtype)
     summary = {"best_epoch": best_epoch, "epochs_run": len(history), "seconds": time.perf_counter() - started,
-               "seconds_to_best": history[best_epoch - 1]["elapsed_seconds"], "device": str(device)}
+               "seconds_to_best": history[best_epoch - 1]["elapsed_seconds"], "device": str(device),
+               "workers": 1 if shard is None else shard.world_size}
     (run_dir / "valid_metrics.json").write_text(json.dumps(valid, indent=2))
     (run_dir / "test_metrics.json").write_text(json.dumps({**test, **summary}, indent=2))
     return {**test, **summary}
+
+
+def final_evaluation_users(data: SequenceData, config: TrainConfig) -> np.ndarray | None:
+    """The users of the final valid/test evaluation (eval.test_users), the same for `fit` and `seqrank evaluate`."""
+    return subsample_users(data, config.eval.test_users, np.random.default_rng(config.optim.seed + 1))
+
+
+def subsample_users(data: SequenceData, count: int, rng: np.random.Generator) -> np.ndarray | None:
+    """A fixed sorted random subset of `count` users, or None (all users) when count is 0 or covers them all."""
+    if not count or count >= data.num_users:
+        return None
+    return np.sort(rng.choice(data.num_users, count, replace=False))
