@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from hypothesis import given
 
 from serving.config import AppArgs
-from serving.deploy import INGRESS_DEPLOYMENT, application
+from serving.deploy import application
 from serving.errors import InvalidArgument
 from serving.generated.seqrank.v1 import ranking_pb2 as pb
 from serving.history import Event

@@ -68,14 +68,16 @@ def test_a_pickle_inside_npy_with_a_valid_checksum_is_refused_without_running_it
 
 
 def test_every_np_load_in_the_code_refuses_pickles():
-    calls = [(path.relative_to(REPO), line) for folder in ("training", "serving") for path in (REPO / folder).rglob("*.py")
-             for line in path.read_text().splitlines() if "np.load(" in line]
+    sources = [path for folder in ("training", "serving") for path in (REPO / folder).rglob("*.py")]
+    calls = [(path.relative_to(REPO), line) for path in sources for line in path.read_text().splitlines()
+             if "np.load(" in line]
     assert calls, "no np.load found: the scan is broken"
     assert [call for call in calls if "allow_pickle=False" not in call[1]] == []
 
 
 def test_no_loader_uses_pickle_torch_load_or_joblib():
-    pattern = re.compile(r"^\s*(import pickle|from pickle|import joblib|import cloudpickle)|torch\.load\(|pickle\.loads?\(")
+    pattern = re.compile(r"^\s*(import pickle|from pickle|import joblib|import cloudpickle)"
+                         r"|torch\.load\(|pickle\.loads?\(")
     offenders = [f"{path.relative_to(REPO)}: {line.strip()}" for folder in ("training", "serving")
                  for path in (REPO / folder).rglob("*.py") if "generated" not in path.parts
                  for line in path.read_text().splitlines() if pattern.search(line)]
