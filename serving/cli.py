@@ -43,6 +43,8 @@ def add_train_commands(sub) -> None:
     synth.add_argument("--users", type=int, default=2000)
     synth.add_argument("--items", type=int, default=500)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--zipf", type=float, default=None,
+                       help="item popularity exponent (default 1.0; 0.5 lets a big catalogue appear in a modest log)")
     synth.set_defaults(func=cmd_synth)
 
 
@@ -84,13 +86,16 @@ def load_run_data(run_dir: Path):
 def cmd_evaluate(args) -> int:
     from training.evaluate import evaluate_model, evaluate_popularity
     from training.model import load_encoder_dir
+    from training.train import final_evaluation_users
 
     run_dir = Path(args.run)
     config, data = load_run_data(run_dir)
+    users = final_evaluation_users(data, config)  # eval.test_users: the subset the run's own test metrics used
     if args.baseline == "popular":
-        report = evaluate_popularity(data, args.split, config.eval.ks)
+        report = evaluate_popularity(data, args.split, config.eval.ks, config.eval.batch_size, users)
     else:
-        report = evaluate_model(load_encoder_dir(run_dir), data, args.split, config.eval.ks, config.eval.batch_size)
+        report = evaluate_model(load_encoder_dir(run_dir), data, args.split, config.eval.ks, config.eval.batch_size,
+                                users=users)
     if args.json:
         print(json.dumps(report))
     else:
@@ -112,7 +117,10 @@ def cmd_export(args) -> int:
 def cmd_synth(args) -> int:
     from training.synthetic import write_synthetic_dataset
 
-    paths = write_synthetic_dataset(args.out, num_users=args.users, num_items=args.items, seed=args.seed)
+    from training.synthetic import ZIPF_EXPONENT
+
+    paths = write_synthetic_dataset(args.out, num_users=args.users, num_items=args.items, seed=args.seed,
+                                    zipf_exponent=ZIPF_EXPONENT if args.zipf is None else args.zipf)
     for path in paths:
         print(path)
     return 0
@@ -400,6 +408,34 @@ def add_bench_commands(sub) -> None:
     mmr.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     mmr.set_defaults(func=cmd_bench_mmr)
 
+    train = bench.add_parser("train", help="training speed: seconds per epoch and sequences/s of `fit` on the "
+                                           "synthetic log and, with --data, on a real file")
+    train.add_argument("--data", default="", help="also measure on this log file")
+    train.add_argument("--format", default=None, choices=["auto", "events", "s3rec", "sasrec"])
+    train.add_argument("--attributes", default=None, help="item side information for --data")
+    train.add_argument("--config", default=None, help="YAML config layered over training/configs/default.yaml")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    train.add_argument("--epochs", type=int, default=3, help="epochs per data set; the first is warm-up")
+    train.add_argument("--no-synthetic", action="store_true", help="measure --data only")
+    train.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    train.set_defaults(func=cmd_bench_train)
+
+    encoder = bench.add_parser("encoder", help="encode_histories latency and sequences/s per batch size, model, "
+                                               "device and dtype, with FLOPs per sequence")
+    encoder.add_argument("--models", nargs="+", default=["default", "large"], choices=["default", "large"])
+    encoder.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
+                         help="default: cpu, and cuda when torch sees a GPU")
+    encoder.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    encoder.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
+    encoder.add_argument("--seconds", type=float, default=2.0, help="timed seconds per cell (at least 3 calls)")
+    encoder.add_argument("--max-call-seconds", type=float, default=5.0,
+                         help="skip a cell whose estimated single call takes longer (default: %(default)s)")
+    encoder.add_argument("--matmul-peak", action="store_true",
+                         help="also time a large square matmul per device and dtype: the achieved peak rate")
+    encoder.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    encoder.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    encoder.set_defaults(func=cmd_bench_encoder)
+
 
 def cmd_bench_serve(args) -> int:
     from serving.deploy import read_serve_config
@@ -408,6 +444,49 @@ def cmd_bench_serve(args) -> int:
     report = bench_serve(read_serve_config(args.config), args.artifact, args.concurrency, args.seconds)
     print(format_report(report))
     if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from training.bench import bench_train, format_train_table
+    from training.config import load_config
+
+    runs = [] if args.no_synthetic else [("synthetic", load_config(args.config, args.overrides))]
+    if args.data:
+        runs.append((Path(args.data).name, load_config(args.config, training_overrides(args))))
+    if not runs:
+        raise ValueError("--no-synthetic needs --data")
+    rows = [bench_train(config, args.epochs, label) for label, config in runs]
+    print(format_train_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench_encoder(args) -> int:
+    from dataclasses import asdict
+
+    import torch
+
+    from training.bench import bench_encoder, format_encoder_table, matmul_peak
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise ValueError("--devices cuda: torch.cuda.is_available() is False")
+    peaks = {(d, t): matmul_peak(d, t) for d in devices for t in args.dtypes} if args.matmul_peak else {}
+    rows = bench_encoder(args.models, devices, args.dtypes, args.batch_sizes, args.seconds, args.max_call_seconds,
+                         peaks)
+    print(format_encoder_table(rows, peaks))
+    if args.json:
+        report = {"rows": [asdict(r) for r in rows],
+                  "matmul_peak_tflops": [{"device": d, "dtype": t, "tflops": v} for (d, t), v in peaks.items()],
+                  "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     return 0

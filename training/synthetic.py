@@ -52,12 +52,12 @@ def _item_id(number: np.ndarray) -> np.ndarray:
 class _Catalog:
     """Item clusters, popularity, companion clusters and successors; item numbers are 0-based here."""
 
-    def __init__(self, num_items: int, rng: np.random.Generator):
+    def __init__(self, num_items: int, rng: np.random.Generator, zipf_exponent: float = ZIPF_EXPONENT):
         self.cluster_of = np.arange(num_items) // CLUSTER_SIZE
         num_clusters = int(self.cluster_of[-1]) + 1
         self.cluster_start = np.arange(num_clusters) * CLUSTER_SIZE
         self.cluster_end = np.minimum(self.cluster_start + CLUSTER_SIZE, num_items)
-        popularity = (rng.permutation(num_items) + 1.0) ** -ZIPF_EXPONENT
+        popularity = (rng.permutation(num_items) + 1.0) ** -zipf_exponent
         cluster_total = np.bincount(self.cluster_of, weights=popularity)
         self.cluster_weight = cluster_total / cluster_total.sum()
         # sampling keys: cluster c's items own (c, c+1] split by popularity, so one searchsorted samples every row
@@ -111,12 +111,19 @@ def _views(catalog: _Catalog, num_users: int, rng: np.random.Generator) -> tuple
     return lengths, views
 
 
-def generate_log(num_users: int = 2000, num_items: int = 500, seed: int = 0) -> Interactions:
-    """A behaviour log of `num_users` users ("u0".."u{U-1}") over items "sku-00001".., grouped by user in time order."""
+def generate_log(num_users: int = 2000, num_items: int = 500, seed: int = 0,
+                 zipf_exponent: float = ZIPF_EXPONENT) -> Interactions:
+    """A behaviour log of `num_users` users ("u0".."u{U-1}") over items "sku-00001".., grouped by user in time order.
+
+    zipf_exponent: a flatter popularity (e.g. 0.5) lets a log of a few events per item touch nearly every item of
+    a huge catalogue, which at 1.0 needs about 15 events per item.
+    """
     if num_users < 1 or num_items < 2:
         raise ValueError(f"need num_users >= 1 and num_items >= 2, got {num_users} and {num_items}")
+    if zipf_exponent < 0:
+        raise ValueError(f"zipf_exponent must be >= 0, got {zipf_exponent}")
     rng = np.random.default_rng(seed)
-    catalog = _Catalog(num_items, rng)
+    catalog = _Catalog(num_items, rng, zipf_exponent)
     lengths, views = _views(catalog, num_users, rng)
     view_users = np.repeat(np.arange(num_users), lengths)
     view_items = views[np.arange(views.shape[1]) < lengths[:, None]]  # (V,) row-major: by user, then step
@@ -149,7 +156,8 @@ def generate_log(num_users: int = 2000, num_items: int = 500, seed: int = 0) -> 
         item_ids=_item_id(np.arange(1, num_items + 1))[event_items],
         timestamps=timestamps.astype(np.int64),
         behaviors=np.array(BEHAVIOR_NAMES, dtype=object)[behavior_codes],
-        source=f"synthetic(num_users={num_users}, num_items={num_items}, seed={seed})",
+        source=f"synthetic(num_users={num_users}, num_items={num_items}, seed={seed}"
+               + (f", zipf_exponent={zipf_exponent})" if zipf_exponent != ZIPF_EXPONENT else ")"),
     )
 
 
@@ -168,11 +176,12 @@ def generate_attributes(item_ids, seed: int = 0) -> dict[str, list[str]]:
     return {str(raw): [f"cat-{c:03d}", f"brand-{b:04d}"] for raw, c, b in zip(item_ids, clusters, brands)}
 
 
-def write_synthetic_dataset(out_dir, num_users: int = 2000, num_items: int = 500, seed: int = 0) -> tuple[Path, Path]:
+def write_synthetic_dataset(out_dir, num_users: int = 2000, num_items: int = 500, seed: int = 0,
+                            zipf_exponent: float = ZIPF_EXPONENT) -> tuple[Path, Path]:
     """Write events.csv (header user_id,item_id,timestamp,event_type) and attributes.json; returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = generate_log(num_users, num_items, seed)
+    log = generate_log(num_users, num_items, seed, zipf_exponent)
     events_path, attributes_path = out_dir / "events.csv", out_dir / "attributes.json"
     pd.DataFrame({"user_id": log.user_ids, "item_id": log.item_ids, "timestamp": log.timestamps,
                   "event_type": log.behaviors}).to_csv(events_path, index=False)

@@ -119,3 +119,11 @@ def test_tiny_sizes(num_users, num_items):
 def test_rejects_empty_catalog():
     with pytest.raises(ValueError, match="num_items >= 2"):
         generate_log(10, 1, seed=0)
+
+
+def test_flatter_popularity_reaches_more_of_a_big_catalogue():
+    default, flat = generate_log(400, 20_000, seed=0), generate_log(400, 20_000, seed=0, zipf_exponent=0.5)
+    assert len(set(flat.item_ids)) > 1.3 * len(set(default.item_ids))
+    assert default.source == "synthetic(num_users=400, num_items=20000, seed=0)"  # default logs keep their identity
+    with pytest.raises(ValueError, match="zipf_exponent"):
+        generate_log(10, 10, zipf_exponent=-1.0)
