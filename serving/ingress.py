@@ -20,6 +20,7 @@ from typing import Awaitable, Callable, Sequence, TypeVar
 import numpy as np
 from grpc_health.v1 import health_pb2
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from serving import health
@@ -310,7 +311,18 @@ class RankingIngress:
         return UserHistory(history, source)
 
     async def _rank_batch(self, works: list[RankWork]) -> list[RankOutcome]:
-        """Encode and retrieve for a batch of validated requests; an error fails the batch (downstream only)."""
+        """Encode and retrieve for a batch of validated requests; an error fails the batch (downstream only).
+
+        A downstream replica that dies during the call (crash, OOM kill, node loss; Serve replaces it) makes the
+        batch UNAVAILABLE rather than INTERNAL: Rank reads nothing it could half-apply, so clients may retry.
+        """
+        try:
+            return await self._encode_and_retrieve(works)
+        except RayActorError as error:
+            raise Unavailable("model_replica", f"a downstream replica died during the call "
+                                               f"({type(error).__name__}); Serve replaces it: retry") from error
+
+    async def _encode_and_retrieve(self, works: list[RankWork]) -> list[RankOutcome]:
         self._metrics.observe_batch(STAGE_RANK, len(works))
         stages: list[tuple[str, float]] = []
         encode = [EncodeRequest(work.history) for work in works]
