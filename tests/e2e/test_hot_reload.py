@@ -1,21 +1,30 @@
 """Hot reload through the config path: a new artifact replaces model and index in the running replicas while
-Rank traffic continues; a broken artifact leaves the old version serving."""
+Rank traffic continues (one client in order; several clients against a different catalogue, every response
+coherent); a broken artifact leaves the old version serving."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
 
 import grpc
+import pandas as pd
 import pytest
 
+from serving.client import RankingClient
 from serving.deploy import submit, wait_until_running
 from serving.history import Event
+from serving.retry import NO_RETRY
+from tests.conftest import TINY_OVERRIDES
+from tests.e2e.load import OK, ClosedLoop
 from training.artifact import IndexParams
 from training.export import export_run
 
 AFTER_SWAP_REQUESTS = 20
+LOAD_WORKERS = 4
+RENAMED_PREFIX = "v2-"  # odd-numbered items of the session log carry it in the second catalogue
 
 
 def replica_ids(service) -> dict[str, set[str]]:
@@ -65,8 +74,6 @@ def second_artifact(tiny_run, tmp_path_factory):
 
 
 def model_version(artifact) -> str:
-    import json
-
     return json.loads((artifact / "manifest.json").read_text())["model_version"]
 
 
@@ -116,5 +123,68 @@ def test_broken_artifact_leaves_the_old_version_serving(service, tmp_path, item_
             assert response.model_version == model_version(service.artifact) and len(response.items) == 5
             assert client.model_info().model_version == model_version(service.artifact)
         assert replica_ids(service) == replicas_before
+    finally:
+        service.apply(service.config)
+
+
+@pytest.fixture(scope="module")
+def renamed_catalogue_artifact(synthetic_dataset, tmp_path_factory):
+    """A model trained on the session's log with every odd-numbered item renamed: the two catalogues share only
+    the even-numbered items, so a response's items show which catalogue produced them."""
+    from training.config import load_config
+    from training.synthetic import SYNTHETIC_ITEM
+    from training.train import fit
+
+    def rename(item_id: str) -> str:
+        return RENAMED_PREFIX + item_id if int(SYNTHETIC_ITEM.fullmatch(item_id).group(1)) % 2 else item_id
+
+    events_path, attributes_path = synthetic_dataset
+    directory = tmp_path_factory.mktemp("renamed")
+    events = pd.read_csv(events_path)
+    events["item_id"] = events["item_id"].map(rename)
+    events.to_csv(directory / "events.csv", index=False)
+    attributes = json.loads(attributes_path.read_text())
+    (directory / "attributes.json").write_text(json.dumps({rename(k): v for k, v in attributes.items()}))
+    config = load_config(None, TINY_OVERRIDES + ["optim.max_epochs=2", f"data.path={directory / 'events.csv'}",
+                                                 f"data.attributes={directory / 'attributes.json'}"])
+    fit(config, directory / "run", progress=False)
+    return export_run(directory / "run", directory / "artifact", IndexParams(M=16, ef_construction=200,
+                      ef_search=400), name="renamed")
+
+
+def catalogue(artifact) -> set[str]:
+    return set(json.loads((artifact / "item_ids.json").read_text())[1:])  # [0] is the padding entry
+
+
+@pytest.mark.slow  # trains a second small model
+def test_swap_to_another_catalogue_under_concurrent_load_keeps_every_response_coherent(
+    service, renamed_catalogue_artifact
+):
+    old, new = model_version(service.artifact), model_version(renamed_catalogue_artifact)
+    catalogues = {old: catalogue(service.artifact), new: catalogue(renamed_catalogue_artifact)}
+    shared = sorted(catalogues[old] & catalogues[new])
+    assert catalogues[old] - catalogues[new] and catalogues[new] - catalogues[old]  # each has items of its own
+    histories = [[Event(shared[(7 * n + 5 * i) % len(shared)], "pv") for i in range(6)] for n in range(8)]
+
+    def rank(client: RankingClient, worker: int, sequence: int):
+        return client.rank(f"u-swap-{worker}", recent_events=histories[(worker + sequence) % 8], k=10)
+
+    new_client = lambda: RankingClient(service.grpc_target, timeout_s=60.0, retry=NO_RETRY)  # noqa: E731
+    try:
+        with ClosedLoop(new_client, rank, LOAD_WORKERS, max_s=240.0) as load:
+            load.wait_until(lambda: load.count() >= 20, 120, "Rank load flowing before the swap")
+            service.apply(service.with_artifact(renamed_catalogue_artifact))
+            swapped_at = time.monotonic()
+            load.wait_until(lambda: load.count(after=swapped_at) >= AFTER_SWAP_REQUESTS, 120,
+                            "Rank answered after the swap")
+        outcomes = load.snapshot()
+        assert [o for o in outcomes if o.code != OK] == []
+        for outcome in outcomes:
+            version = outcome.response.model_version
+            items = [item.item_id for item in outcome.response.items]
+            assert version in catalogues and len(items) == 10, (version, items)
+            assert set(items) <= catalogues[version], (version, sorted(set(items) - catalogues[version]))
+        assert {o.response.model_version for o in outcomes if o.started > swapped_at} == {new}
+        assert {o.response.model_version for o in outcomes} == {old, new}
     finally:
         service.apply(service.config)
