@@ -50,6 +50,7 @@ class ModelConfig:
     temperature: float = 1.0  # cosine only
     frequency_mix: float = 0.0  # causal only: weight of BSARec's low-pass filter path beside attention; 0 = off
     frequency_cutoff: int = 5  # low-pass keeps the lowest frequency_cutoff // 2 + 1 frequencies of max_len
+    towers: list[str] = field(default_factory=list)  # e.g. [gpt2, llama]: an ensemble whose scores add; [] = backbone
 
 
 @dataclass
@@ -215,6 +216,13 @@ def validate_config(config: TrainConfig) -> None:
                          ("model.item_dropout", config.model.item_dropout)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+    for tower in config.model.towers:
+        if tower not in ("gpt2", "llama"):
+            raise ConfigError(f"model.towers: {tower!r} is not a causal backbone (gpt2, llama)")
+    if not 0.0 <= config.model.frequency_mix <= 1.0:
+        raise ConfigError(f"model.frequency_mix: must be in [0, 1], got {config.model.frequency_mix}")
+    if config.model.frequency_mix and config.model.backbone == "bert" and not config.model.towers:
+        raise ConfigError("model.frequency_mix: the low-pass path is causal; backbone bert cannot take it")
     if config.data.kcore < 0:
         raise ConfigError(f"data.kcore: must be >= 0, got {config.data.kcore}")
     if not config.eval.ks or any(k <= 0 for k in config.eval.ks):

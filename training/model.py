@@ -15,7 +15,7 @@ This module is the only definition of the model: serving imports `load_encoder` 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +48,14 @@ class EncoderConfig:
     temperature: float = 1.0
     frequency_mix: float = 0.0  # causal only: weight of the low-pass filter path beside attention (0 = off)
     frequency_cutoff: int = 5  # the filter keeps the lowest frequency_cutoff // 2 + 1 of max_len's frequencies
+    towers: tuple[str, ...] = ()  # causal backbones of an ensemble (EncoderEnsemble); () = one model of `backbone`
+
+    def __post_init__(self):
+        object.__setattr__(self, "towers", tuple(self.towers))  # JSON gives a list
 
     @property
     def causal(self) -> bool:
-        return self.backbone in CAUSAL_BACKBONES
+        return all(backbone in CAUSAL_BACKBONES for backbone in self.towers or (self.backbone,))
 
     @property
     def mask_index(self) -> int:
@@ -228,6 +232,44 @@ class SequenceEncoder(nn.Module):
         return scores
 
 
+class EncoderEnsemble(nn.Module):
+    """Independently trained towers whose scores add up: user and item vectors are the towers' concatenated.
+
+    A sum of dot products is the dot product of the concatenations, so the ensemble is still one maximum-inner-
+    product search for retrieval, and serving needs nothing new. Each tower has its own item table and its own
+    loss (training/train.py), so the towers stay as diverse as separately trained models.
+    """
+
+    def __init__(self, config: EncoderConfig, item_attributes: np.ndarray | None = None):
+        super().__init__()
+        if not config.causal:
+            raise ValueError(f"towers: {list(config.towers)} must all be causal backbones ({', '.join(CAUSAL_BACKBONES)})")
+        self.config = config
+        self.towers = nn.ModuleList(
+            SequenceEncoder(replace(config, backbone=backbone, towers=()), item_attributes) for backbone in config.towers
+        )
+
+    @property
+    def behavior_embedding(self) -> nn.Module | None:
+        return self.towers[0].behavior_embedding
+
+    @property
+    def item_attributes(self) -> torch.Tensor:
+        return self.towers[0].item_attributes
+
+    def output_item_vectors(self, item_indices: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat([tower.output_item_vectors(item_indices) for tower in self.towers], dim=-1)
+
+    def user_vectors(self, item_indices, behavior_indices, lengths) -> torch.Tensor:
+        return torch.cat([tower.user_vectors(item_indices, behavior_indices, lengths) for tower in self.towers], -1)
+
+    score_all = SequenceEncoder.score_all
+
+
+def build_encoder(config: EncoderConfig, item_attributes: np.ndarray | None = None) -> SequenceEncoder | EncoderEnsemble:
+    return EncoderEnsemble(config, item_attributes) if config.towers else SequenceEncoder(config, item_attributes)
+
+
 def pad_histories(
     histories: list[np.ndarray], behaviors: list[np.ndarray] | None, config: EncoderConfig
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -298,7 +340,7 @@ def load_encoder(
     """Rebuild the encoder from its explicit config and safetensors weights, in eval mode."""
     if isinstance(config, dict):
         config = EncoderConfig(**config)
-    model = SequenceEncoder(config)
+    model = build_encoder(config)
     state = load_file(str(weights_path), device="cpu")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -35,7 +35,7 @@ from training.config import TrainConfig
 from training.data import SequenceData, load_sequences
 from training.evaluate import evaluate_model, item_popularity
 from training.losses import bce_loss, full_softmax_loss, sampled_softmax_loss
-from training.model import EncoderConfig, SequenceEncoder, load_encoder_dir, save_encoder
+from training.model import EncoderConfig, EncoderEnsemble, SequenceEncoder, build_encoder, load_encoder_dir, save_encoder
 
 log = logging.getLogger(__name__)
 SELECTION_METRIC = "NDCG@10"
@@ -67,6 +67,7 @@ def encoder_config_for(config: TrainConfig, data: SequenceData) -> EncoderConfig
         num_heads=model.num_heads, intermediate_size=model.intermediate_size, dropout=model.dropout,
         attention_dropout=model.attention_dropout, backbone=model.backbone, similarity=model.similarity,
         temperature=model.temperature, frequency_mix=model.frequency_mix, frequency_cutoff=model.frequency_cutoff,
+        towers=tuple(model.towers),
     )
 
 
@@ -121,6 +122,8 @@ class NegativeSampler:
 
 
 def batch_loss(model: SequenceEncoder, batch: TrainBatch, config: TrainConfig, sampler: NegativeSampler | None):
+    if isinstance(model, EncoderEnsemble):  # each tower its own loss: an ensemble of models, not one wide model
+        return sum(batch_loss(tower, batch, config, sampler) for tower in model.towers)
     hidden = model(batch.items, batch.behaviors, batch.lengths)  # (B, T, D)
     positions = batch.targets != PAD_INDEX
     user_vectors = model.project_users(hidden[positions])  # (N, D): only real positions reach the loss
@@ -274,7 +277,7 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
     if chief:
         write_run_metadata(run_dir, config, data)
 
-    model = SequenceEncoder(encoder_config_for(config, data), data.item_attributes).to(device)
+    model = build_encoder(encoder_config_for(config, data), data.item_attributes).to(device)
     optimizers = build_optimizers(model, config.optim)
     total_steps = steps_per_epoch(data, config.optim.batch_size, shard) * config.optim.max_epochs
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_factor(step, total_steps, config.optim))
