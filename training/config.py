@@ -71,7 +71,7 @@ class OptimConfig:
     bf16: bool = True  # bf16 autocast on CUDA only
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     sparse_item_embeddings: bool = False  # item table: sparse gradients + SparseAdam, so a step costs O(rows it
-    # touches), not O(catalogue); for sampled softmax on large catalogues (BENCHMARKS.md section 3)
+    # touches), not O(catalogue); for sampled softmax on large catalogues (BENCHMARKS.md, issue 6)
 
 
 @dataclass

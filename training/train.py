@@ -177,7 +177,7 @@ def build_optimizers(model: SequenceEncoder, optim) -> list[torch.optim.Optimize
 
     Dense AdamW reads and writes the whole (I+2, D) table and its two moment buffers every step, and backward
     materialises a dense (I+2, D) gradient: O(catalogue) per step, which dominates a sampled-softmax step on a
-    million items (BENCHMARKS.md section 3). SparseAdam updates only the rows a step touched (lazy Adam: a row's
+    million items (BENCHMARKS.md, issue 6). SparseAdam updates only the rows a step touched (lazy Adam: a row's
     moments age only when it is seen); it has no weight decay, so the table gets none in that mode.
     """
     if not optim.sparse_item_embeddings:
