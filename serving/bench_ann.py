@@ -326,18 +326,27 @@ def plot(rows: list[Row], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
+    colours = {method: f"C{n}" for n, method in enumerate(METHODS)}
+    styles = ["-", "--", ":", "-."]  # one per M, in the order the sweep ran them
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for axis, mode in zip(axes, ("single", "batched")):
-        for method in dict.fromkeys(r.method for r in rows):
-            for M in dict.fromkeys(r.M for r in rows if r.method == method):
+        exact = next(r for r in rows if r.method == "exact")
+        axis.plot([getattr(exact, f"{mode}_qps")], [1.0], "k*", markersize=12, label="exact")
+        ms = list(dict.fromkeys(r.M for r in rows if r.M is not None))
+        for method in dict.fromkeys(r.method for r in rows if r.method != "exact"):
+            for M in ms:
                 points = [r for r in rows if r.method == method and r.M == M]
-                label = method if M is None else f"{method} M={M}"
-                axis.plot([getattr(r, f"{mode}_qps") for r in points], [r.recall_at_100 for r in points],
-                          marker="o", label=label)
+                if points:
+                    axis.plot([getattr(r, f"{mode}_qps") for r in points], [r.recall_at_100 for r in points],
+                              styles[ms.index(M) % len(styles)], marker="o", color=colours[method],
+                              label=f"{method} M={M}")
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel(f"queries/s, one thread, {mode}")
         axis.set_title(mode)
-        axis.grid(True, alpha=0.3)
+        axis.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("recall@100 against exact search")
     axes[1].legend(fontsize=8)
     figure.suptitle(title, fontsize=9)
