@@ -102,6 +102,7 @@ def send_traffic(client, item_ids, behaviors, round_: int) -> None:
     client.rank(f"u-promql-{round_ % 5}", k=10)  # history from the store
     client.rank(f"u-promql-cold-{round_}", k=5)  # no history: the fallback list
     client.model_info()  # the end-to-end latency panel shows every method; an idle one would be NaN (0/0)
+    client.health()  # as Kubernetes probes do; earlier tests (hostile input) leave a Check series behind
     for bad in (dict(k=0), dict(k=-1)):
         try:
             client.rank("u-promql-bad", recent_events=events[:1], **bad)
