@@ -7,6 +7,8 @@ import logging
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from serving.auth import MIN_TOKEN_LENGTH, AuthConfig, BearerAuth, authenticator, load_tokens, parse_tokens
@@ -16,6 +18,8 @@ from serving.generated.seqrank.v1 import ranking_pb2
 from tests.serving.test_errors import FakeContext
 
 OLD, NEW = "old-token-0123456789abcdef", "new-token-fedcba9876543210"
+FIXED_REASONS = {"missing; send metadata 'authorization: Bearer <token>'", "must be 'Bearer <token>'",
+                 "invalid or revoked bearer token"}
 
 
 def test_tokens_split_on_commas_and_newlines():
@@ -107,3 +111,20 @@ def test_the_wrapper_refuses_before_the_method_runs_and_never_logs_the_token(cap
 def test_public_methods_skip_authentication():
     response, context = call(GuardedIngress().Check, [])
     assert response.request_id == "healthy" and context.code is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["authorization", "Authorization", "application", "x-other"]),
+                          st.one_of(st.text(max_size=80), st.binary(max_size=20),
+                                    st.builds(lambda t: f"Bearer {t}", st.text(max_size=60)))), max_size=4))
+def test_any_metadata_is_accepted_only_with_a_listed_token_and_never_echoed(metadata):
+    auth = BearerAuth([OLD, NEW])
+    values = [value for key, value in metadata if key.lower() == "authorization"]
+    try:
+        auth.check(metadata)
+    except Unauthenticated as error:  # the message is one of a few fixed texts: nothing of the value is echoed
+        assert error.subject == "authorization"
+        assert error.reason in FIXED_REASONS or error.reason == f"sent {len(values)} times; send it once"
+        return
+    (value,) = values  # accepted: exactly one authorization value, carrying one of the tokens
+    assert value.split()[-1] in (OLD, NEW)
