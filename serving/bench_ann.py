@@ -26,6 +26,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from training.artifact import augment_items, augment_queries
+
 logger = logging.getLogger(__name__)
 
 ITEMS_PER_CLUSTER = 1000  # mean cluster size of the generated catalogue
@@ -33,7 +35,7 @@ CLUSTER_SCALE_RANGE = (0.5, 1.0)  # within-cluster standard deviation, log-unifo
 EXACT_SCORE_BYTES = 1 << 28  # exact search scores at most this many bytes of (queries, items) at once
 SINGLE_QUERY_SAMPLE = 200  # queries timed one call each (the slow path; the batched call uses all)
 RECALL_KS = (10, 100)
-METHODS = ("hnswlib", "faiss", "hnswlib-aug", "faiss-aug")  # -aug: on norm-augmented vectors, see augment_items
+METHODS = ("hnswlib", "faiss", "hnswlib-aug", "faiss-aug")  # -aug: training.artifact.augment_items vectors
 
 
 # ---- vectors (pure) -----------------------------------------------------------------------------------------
@@ -87,23 +89,6 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     found, truth = found[:, :k], truth[:, :k]
     hits = (found[:, :, None] == truth[:, None, :]).any(axis=2)  # (Q, k): found label j is a true neighbour
     return float(hits.sum(axis=1).mean() / k)
-
-
-def augment_items(item_vectors: np.ndarray) -> np.ndarray:
-    """(I, D+1): each item with sqrt(max_norm^2 - |x|^2) appended, so every item has the same norm.
-
-    A query q gets a 0 appended (`augment_queries`), so <q', x'> = <q, x>: the ranking is unchanged, but the
-    graph between items is now built on cosine, a proper similarity, instead of raw inner products, where a few
-    long vectors look close to everything (Bachrach et al., RecSys 2014, "Speeding up the Xbox recommender
-    system using a Euclidean transformation for inner-product spaces").
-    """
-    norms_sq = np.einsum("id,id->i", item_vectors, item_vectors, dtype=np.float64)
-    extra = np.sqrt(np.maximum(norms_sq.max() - norms_sq, 0.0)).astype(np.float32)
-    return np.hstack([item_vectors.astype(np.float32), extra[:, None]])
-
-
-def augment_queries(queries: np.ndarray) -> np.ndarray:
-    return np.hstack([queries.astype(np.float32), np.zeros((len(queries), 1), dtype=np.float32)])
 
 
 # ---- methods ------------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ def add_train_commands(sub) -> None:
     export.add_argument("--hnsw-m", type=int, default=32)
     export.add_argument("--ef-construction", type=int, default=200)
     export.add_argument("--ef-search", type=int, default=200)
+    export.add_argument("--norm-augment", action="store_true",
+                        help="index norm-augmented vectors: same inner products, higher recall@100 at wide beams "
+                             "(raise --ef-search with it; BENCHMARKS.md section 3)")
     export.set_defaults(func=cmd_export)
 
     synth = sub.add_parser("synth", help="write a synthetic event log (CSV) and item attributes (JSON)")
@@ -107,7 +110,8 @@ def cmd_export(args) -> int:
     from training.artifact import IndexParams
     from training.export import export_run
 
-    params = IndexParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search)
+    params = IndexParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
+                         norm_augmented=args.norm_augment)
     path = export_run(args.run, args.out, params)
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"artifact {manifest['model_version']} written to {path} ({manifest['num_items']} items, dim {manifest['dim']})")

@@ -25,7 +25,7 @@ from serving.metrics import STAGE_RETRIEVE, ServingMetrics
 from serving.reload import ModelSlot
 from serving.rerank import rerank
 from serving.shards import RemoteShards
-from training.artifact import Artifact
+from training.artifact import Artifact, ItemIndex
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class LoadedIndex:
     """One model version's retrieval state, built completely before it is swapped in."""
 
     catalogue: Catalogue
-    index: object | None  # hnswlib.Index over items 1..I, read-only once built; None when shards hold it
+    index: ItemIndex | None  # hnswlib over items 1..I, read-only once built; None when shards hold it
     item_vectors: np.ndarray  # (I+1, D) float32
 
     @property

@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from serving.config import RetrievalArgs
 from serving.metrics import ServingMetrics
 from serving.reload import ModelSlot
-from training.artifact import PAD_INDEX, Artifact
+from training.artifact import PAD_INDEX, Artifact, ItemIndex, build_hnsw_index
 
 SHARD_DEPLOYMENT_PREFIX = "RetrievalShard"  # shard s is the deployment RetrievalShard<s>
 FLOAT32_BYTES = 4
@@ -102,23 +102,17 @@ class ShardIndex:
     """One model version's index over one shard's items; labels are the global item indices."""
 
     model_version: str
-    index: object  # hnswlib.Index, read-only once built
+    index: ItemIndex  # read-only once built
     num_items: int  # items in this shard
 
     @classmethod
     def build(cls, artifact: Artifact, num_shards: int, shard: int, ef: int | None,
               num_threads: int = 1) -> ShardIndex:
-        """Builds the shard's hnswlib index from the artifact's vectors with the manifest's M and ef_construction
-        (the artifact holds one index over all items; building a shard costs its share of an export's build)."""
-        import hnswlib
-
-        params = artifact.index_params
+        """Builds the shard's index from the artifact's vectors with the manifest's parameters (the artifact holds
+        one index over all items; building a shard costs its share of an export's build)."""
         items = shard_items(artifact.num_items, num_shards, shard)
-        index = hnswlib.Index(space=params.space, dim=artifact.dim)
-        index.init_index(max_elements=max(len(items), 1), M=params.M, ef_construction=params.ef_construction,
-                         random_seed=0)
-        index.add_items(artifact.item_vectors[items], items, num_threads=num_threads)
-        index.set_ef(max(ef or params.ef_search, 1))
+        index = build_hnsw_index(artifact.item_vectors, artifact.index_params, num_threads, items)
+        index.set_ef(max(ef or artifact.index_params.ef_search, 1))
         index.set_num_threads(1)  # like the unsharded index: batch rows are cheap, threads would contend
         return cls(artifact.model_version, index, len(items))
 

@@ -37,12 +37,64 @@ class ArtifactError(ValueError):
 
 @dataclass(frozen=True)
 class IndexParams:
-    """hnswlib parameters; `ef_search` is the default query-time beam, serving may raise it."""
+    """hnswlib parameters; `ef_search` is the default query-time beam, serving may raise it.
+
+    `norm_augmented`: items are indexed with sqrt(max|x|^2 - |x|^2) appended and queries with a 0, so inner
+    products (and their ranking) are unchanged while the graph is built over equal-norm vectors; see
+    `augment_items`; it needs a wider beam for the same recall@10 but keeps gaining recall@100 where the plain
+    index levels off (BENCHMARKS.md section 3). `seqrank export --norm-augment` sets it.
+    """
 
     space: str = "ip"
     M: int = 32
     ef_construction: int = 200
     ef_search: int = 200
+    norm_augmented: bool = False  # also what manifests written before the field existed mean
+
+
+def augment_items(vectors: np.ndarray) -> np.ndarray:
+    """(I, D) -> (I, D+1) float32: each row with sqrt(max_norm^2 - |x|^2) appended, so all rows share one norm.
+
+    With a 0 appended to each query (`augment_queries`), <q', x'> = <q, x>. An inner-product graph over raw
+    vectors lets a few long vectors look close to everything, and HNSW recall@100 levels off below 0.99 however
+    wide the beam; over equal norms it is a cosine graph (Bachrach et al., RecSys 2014, "Speeding up the Xbox
+    recommender system using a Euclidean transformation for inner-product spaces"). Measured: BENCHMARKS.md 3.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms_sq = np.einsum("id,id->i", vectors, vectors, dtype=np.float64)
+    extra = np.sqrt(np.maximum(norms_sq.max(initial=0.0) - norms_sq, 0.0)).astype(np.float32)
+    return np.hstack([vectors, extra[:, None]])
+
+
+def augment_queries(vectors: np.ndarray) -> np.ndarray:
+    """(B, D) -> (B, D+1) float32 with a 0 appended: the query side of `augment_items`."""
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    return np.hstack([vectors, np.zeros((len(vectors), 1), dtype=np.float32)])
+
+
+class ItemIndex:
+    """An hnswlib "ip" index over items, queried with plain user vectors whether or not it is norm-augmented.
+
+    knn_query returns hnswlib's (labels, distances) with distance = 1 - <user vector, item vector>.
+    """
+
+    def __init__(self, index, norm_augmented: bool) -> None:
+        self.index = index  # hnswlib.Index; read-only once built (queries may run concurrently)
+        self.norm_augmented = norm_augmented
+
+    def knn_query(self, vectors: np.ndarray, k: int):
+        if self.norm_augmented:
+            vectors = augment_queries(vectors)
+        return self.index.knn_query(vectors, k=k)
+
+    def set_ef(self, ef: int) -> None:
+        self.index.set_ef(ef)
+
+    def set_num_threads(self, num_threads: int) -> None:
+        self.index.set_num_threads(num_threads)
+
+    def save_index(self, path: str) -> None:
+        self.index.save_index(path)
 
 
 @dataclass(frozen=True)
@@ -83,15 +135,15 @@ class Artifact:
     def behavior_names(self) -> list[str]:
         return list(self.manifest.get("behavior_names", []))
 
-    def load_index(self, ef_search: int | None = None):
+    def load_index(self, ef_search: int | None = None) -> ItemIndex:
         """Load the hnswlib index; `ef_search` defaults to the exported one."""
         import hnswlib
 
         params = self.index_params
-        index = hnswlib.Index(space=params.space, dim=self.dim)
+        index = hnswlib.Index(space=params.space, dim=self.dim + int(params.norm_augmented))
         index.load_index(str(self.path / INDEX_FILE), max_elements=self.num_items)
         index.set_ef(max(ef_search or params.ef_search, 1))
-        return index
+        return ItemIndex(index, params.norm_augmented)
 
 
 def sha256_file(path: Path) -> str:
@@ -107,17 +159,23 @@ def new_model_version(name: str) -> str:
     return f"{name}-{stamp}-{secrets.token_hex(4)}"
 
 
-def build_hnsw_index(item_vectors: np.ndarray, params: IndexParams, num_threads: int = 1):
-    """An inner-product hnswlib index over items 1..I (labels = internal item indices)."""
+def build_hnsw_index(item_vectors: np.ndarray, params: IndexParams, num_threads: int = 1,
+                     items: np.ndarray | None = None) -> ItemIndex:
+    """An inner-product hnswlib index over `items` (default all, 1..I; labels = internal item indices)."""
     import hnswlib
 
-    num_items = item_vectors.shape[0] - 1
-    index = hnswlib.Index(space=params.space, dim=item_vectors.shape[1])
-    index.init_index(max_elements=num_items, M=params.M, ef_construction=params.ef_construction, random_seed=0)
+    if items is None:
+        items = np.arange(PAD_INDEX + 1, item_vectors.shape[0], dtype=np.int64)
+    vectors = item_vectors[items]  # (n, D)
+    if params.norm_augmented:
+        vectors = augment_items(vectors)  # (n, D+1)
+    index = hnswlib.Index(space=params.space, dim=vectors.shape[1])
+    index.init_index(max_elements=max(len(items), 1), M=params.M, ef_construction=params.ef_construction,
+                     random_seed=0)
     index.set_num_threads(num_threads)
-    index.add_items(item_vectors[PAD_INDEX + 1 :], np.arange(1, num_items + 1))
+    index.add_items(vectors, items)
     index.set_ef(params.ef_search)
-    return index
+    return ItemIndex(index, params.norm_augmented)
 
 
 def write_artifact(

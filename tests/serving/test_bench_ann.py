@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from serving.bench_ann import (
-    augment_items, augment_queries, bench_ann, clustered_vectors, exact_top_k, recall_at_k, split_queries,
-)
+from serving.bench_ann import bench_ann, clustered_vectors, exact_top_k, recall_at_k, split_queries
 from serving.bench_mmr import bench_mmr
+from training.artifact import augment_items, augment_queries
 
 
 def test_recall_counts_shared_labels_whatever_their_order():

@@ -67,25 +67,33 @@ def test_shard_plan_follows_the_memory_budget():
         plan_num_shards(1_000_000, 64, 32, 1e-9, 1)
 
 
-@pytest.fixture(scope="module")
-def clustered_artifact(tmp_path_factory):
+def write_clustered_artifact(out, norm_augmented: bool):
     """600 items in 16 dims from 12 clusters, hnswlib M=16 with a beam wider than the catalogue."""
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((12, DIM))
     vectors = np.zeros((NUM_ITEMS + 1, DIM), dtype=np.float32)
     vectors[1:] = centres[rng.integers(0, 12, NUM_ITEMS)] + 0.5 * rng.standard_normal((NUM_ITEMS, DIM))
-    out = tmp_path_factory.mktemp("shards")
     weights = out / "weights.safetensors"
     weights.write_bytes(b"not a real encoder")
     path = write_artifact(
         out / "artifact", encoder_weights=weights, item_vectors=vectors,
         item_ids=[""] + [f"sku-{i}" for i in range(1, NUM_ITEMS + 1)], item_attributes=None,
         item_popularity=np.arange(NUM_ITEMS + 1, dtype=np.float32),
-        index_params=IndexParams(M=16, ef_construction=200, ef_search=NUM_ITEMS),
+        index_params=IndexParams(M=16, ef_construction=200, ef_search=NUM_ITEMS, norm_augmented=norm_augmented),
         manifest_fields={"model_version": "shards-v1", "data_fingerprint": "f" * 64, "metrics": {},
                          "encoder_config": {"num_items": NUM_ITEMS, "max_len": 7}, "behavior_names": []},
     )
     return load_artifact(path)
+
+
+@pytest.fixture(scope="module")
+def clustered_artifact(tmp_path_factory):
+    return write_clustered_artifact(tmp_path_factory.mktemp("shards"), norm_augmented=False)
+
+
+@pytest.fixture(scope="module")
+def augmented_artifact(tmp_path_factory):
+    return write_clustered_artifact(tmp_path_factory.mktemp("shards-augmented"), norm_augmented=True)
 
 
 def queries(seed: int, count: int = 20) -> np.ndarray:
@@ -93,14 +101,18 @@ def queries(seed: int, count: int = 20) -> np.ndarray:
 
 
 @pytest.mark.parametrize("num_shards", [2, 3])
-def test_shards_answer_exactly_like_one_index(clustered_artifact, num_shards):
+@pytest.mark.parametrize("artifact_name", ["clustered_artifact", "augmented_artifact"])
+def test_shards_answer_exactly_like_one_index(request, artifact_name, num_shards):
+    artifact = request.getfixturevalue(artifact_name)
     users = queries(seed=num_shards)
-    one_labels, one_distances = ShardedIndex.build(clustered_artifact, 1).knn_query(users, k=100)
-    labels, distances = ShardedIndex.build(clustered_artifact, num_shards).knn_query(users, k=100)
-    exact = exact_top_k(users, clustered_artifact.item_vectors, 100)
+    one_labels, one_distances = ShardedIndex.build(artifact, 1).knn_query(users, k=100)
+    labels, distances = ShardedIndex.build(artifact, num_shards).knn_query(users, k=100)
+    exact = exact_top_k(users, artifact.item_vectors, 100)
     np.testing.assert_array_equal(one_labels, exact)  # the beam covers the catalogue: exact
     np.testing.assert_array_equal(labels, one_labels)
     np.testing.assert_allclose(distances, one_distances, atol=1e-5)
+    np.testing.assert_allclose(1 - distances, np.take_along_axis(users @ artifact.item_vectors.T, labels, 1),
+                               rtol=1e-4, atol=1e-4)  # merged scores are inner products, augmented or not
 
 
 class StubMetrics:
