@@ -159,3 +159,37 @@ def eval_batches(data: SequenceData, split: str, batch_size: int, users: np.ndar
         if data.behaviors is not None:
             behaviors = [data.behaviors[start[u] : end[u]] for u in batch]
         yield EvalBatch(batch, histories, behaviors, data.items[end[batch]].astype(np.int64))
+
+
+def next_item_masked_batches(
+    data: SequenceData, config: EncoderConfig, batch_size: int, rng: np.random.Generator,
+    shard: Shard | None = None, order_rng: np.random.Generator | None = None,
+) -> Iterator[TrainBatch]:
+    """Bidirectional next-item batches: every prefix of each train history, with [MASK] appended, predicts the item
+    that follows it, which is exactly how a bidirectional model is queried at inference.
+
+    Unlike causal training, one pass cannot serve all positions (each prefix sees itself both ways), so a history
+    of n events becomes n - 1 samples (BSARec's training set); batch_size counts samples.
+    """
+    start, end = history_bounds(data, "train")
+    usable = np.flatnonzero(end - start >= 2)
+    counts = end[usable] - start[usable] - 1  # predictable positions per user
+    user_start = np.repeat(start[usable], counts)
+    step = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # 0..count-1 within each user
+    target_at = user_start + step + 1
+    first = np.maximum(target_at - (config.max_len - 1), user_start)
+    window = target_at - first  # inputs before the [MASK]
+    for batch in _epoch_order(window + 1, batch_size, rng, order_rng, shard):
+        lengths = window[batch] + 1
+        items = gather_padded(data.items, first[batch], lengths).astype(np.int64)
+        rows = np.arange(len(batch))
+        items[rows, lengths - 1] = config.mask_index
+        targets = np.full_like(items, PAD_INDEX)
+        targets[rows, lengths - 1] = data.items[target_at[batch]]
+        behaviors = None
+        if data.behaviors is not None:
+            behaviors = gather_padded(data.behaviors, first[batch], lengths, 0).astype(np.int64)
+            behaviors[rows, lengths - 1] = 0
+            behaviors = torch.from_numpy(behaviors)
+        yield TrainBatch(torch.from_numpy(items), behaviors, torch.from_numpy(lengths.astype(np.int64)),
+                         torch.from_numpy(targets))

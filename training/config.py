@@ -44,7 +44,8 @@ class ModelConfig:
     attention_dropout: float = 0.5
     use_behaviors: bool = True  # add a behaviour-type embedding when the data has types
     use_attributes: bool = True  # add pooled attribute embeddings when side information is given
-    mask_probability: float = 0.2  # bert only: share of positions masked in training
+    mask_probability: float = 0.2  # bert cloze only: share of positions masked in training
+    bert_objective: str = "cloze"  # bert only: cloze (BERT4Rec) | next (each prefix + [MASK] predicts its next item)
     item_dropout: float = 0.0  # causal only: share of input items replaced by [MASK] in training
     similarity: str = "dot"  # dot | cosine (L2-normalised vectors, scores divided by temperature)
     temperature: float = 1.0  # cosine only
@@ -185,6 +186,7 @@ def validate_config(config: TrainConfig) -> None:
     choices = {
         "data.format": (config.data.format, ("auto", "events", "s3rec", "sasrec")),
         "model.backbone": (config.model.backbone, ("gpt2", "llama", "bert")),
+        "model.bert_objective": (config.model.bert_objective, ("cloze", "next")),
         "optim.loss": (config.optim.loss, ("ce", "sampled", "bce")),
         "optim.device": (config.optim.device, ("auto", "cpu", "cuda")),
         "model.similarity": (config.model.similarity, ("dot", "cosine")),

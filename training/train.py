@@ -30,9 +30,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from training.artifact import PAD_INDEX
-from training.batches import Shard, TrainBatch, causal_train_batches, masked_train_batches, sharded_batch_size
+from training.batches import (
+    Shard, TrainBatch, causal_train_batches, masked_train_batches, next_item_masked_batches, sharded_batch_size,
+)
 from training.config import TrainConfig
-from training.data import SequenceData, load_sequences
+from training.data import SequenceData, history_bounds, load_sequences
 from training.evaluate import evaluate_model, item_popularity
 from training.losses import bce_loss, full_softmax_loss, sampled_softmax_loss
 from training.model import EncoderConfig, EncoderEnsemble, SequenceEncoder, build_encoder, load_encoder_dir, save_encoder
@@ -205,11 +207,19 @@ def clip_gradients(parameters, max_norm: float) -> float:
     return float(total)
 
 
-def steps_per_epoch(data: SequenceData, batch_size: int, shard: Shard | None) -> int:
-    """Optimizer steps in one epoch (per worker under a shard): users with a trainable history over the batch."""
-    sequences = int(np.sum(np.diff(data.offsets) > 3))
-    batches = -(-sequences // sharded_batch_size(batch_size, shard))
+def steps_per_epoch(samples: int, batch_size: int, shard: Shard | None) -> int:
+    """Optimizer steps in one epoch (per worker under a shard): the epoch's training samples over the batch."""
+    batches = -(-samples // sharded_batch_size(batch_size, shard))
     return batches if shard is None else -(-batches // shard.world_size)
+
+
+def training_samples(data: SequenceData, config: TrainConfig) -> int:
+    """Sequences one epoch trains on: each trainable history, or each of its prefixes under bert's next objective."""
+    start, end = history_bounds(data, "train")
+    lengths = end - start
+    if config.model.backbone == "bert" and config.model.bert_objective == "next":
+        return int(np.sum(np.maximum(lengths - 1, 0)))
+    return int(np.sum(lengths >= 2))
 
 
 def lr_factor(step: int, total_steps: int, optim) -> float:
@@ -279,7 +289,7 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
 
     model = build_encoder(encoder_config_for(config, data), data.item_attributes).to(device)
     optimizers = build_optimizers(model, config.optim)
-    total_steps = steps_per_epoch(data, config.optim.batch_size, shard) * config.optim.max_epochs
+    total_steps = steps_per_epoch(training_samples(data, config), config.optim.batch_size, shard) * config.optim.max_epochs
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_factor(step, total_steps, config.optim))
                  for o in optimizers]
     sampler = NegativeSampler(item_popularity(data, "train"), device) if config.optim.loss == "sampled" else None
@@ -300,6 +310,8 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
         if model.config.causal:
             batches = causal_train_batches(data, model.config, config.optim.batch_size, rng, config.model.item_dropout,
                                            shard, order_rng)
+        elif config.model.bert_objective == "next":
+            batches = next_item_masked_batches(data, model.config, config.optim.batch_size, rng, shard, order_rng)
         else:
             batches = masked_train_batches(data, model.config, config.optim.batch_size, config.model.mask_probability,
                                            rng, shard, order_rng)

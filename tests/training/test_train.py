@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.batches import causal_train_batches, masked_train_batches
+from training.batches import causal_train_batches, masked_train_batches, next_item_masked_batches
 from training.config import load_config
 from training.data import history_bounds, load_sequences
 from training.evaluate import evaluate_popularity
@@ -60,7 +60,25 @@ def test_causal_batches_are_shifted_by_one(synthetic_dataset):
         assert (batch.items[row, n:] == 0).all() and (batch.targets[row, n:] == 0).all()
 
 
-@pytest.mark.parametrize("overrides", [["model.backbone=bert"], ["model.backbone=llama"], ["optim.loss=sampled", "optim.num_negatives=32"],
+def test_next_item_masked_batches_hold_every_train_prefix_once(synthetic_dataset):
+    events, _ = synthetic_dataset
+    data = load_sequences(load_config(None, [f"data.path={events}"]).data)
+    config = EncoderConfig(num_items=data.num_items, max_len=6, backbone="bert")
+    start, end = history_bounds(data, "train")
+    expected = sorted(
+        (tuple(data.items[max(s, t - 5) : t]), int(data.items[t])) for s, e in zip(start, end) for t in range(s + 1, e)
+    )
+    samples = []
+    for batch in next_item_masked_batches(data, config, 32, np.random.default_rng(0)):
+        for row in range(len(batch.lengths)):
+            n = int(batch.lengths[row])
+            assert batch.items[row, n - 1] == config.mask_index and (batch.targets[row, : n - 1] == 0).all()
+            samples.append((tuple(batch.items[row, : n - 1].tolist()), int(batch.targets[row, n - 1])))
+    assert sorted(samples) == expected  # each prefix once, never past the train bound (valid and test stay unseen)
+
+
+@pytest.mark.parametrize("overrides", [["model.backbone=bert"], ["model.backbone=bert", "model.bert_objective=next"],
+                                       ["model.backbone=llama"], ["model.frequency_mix=0.5"], ["optim.loss=sampled", "optim.num_negatives=32"],
                                        ["optim.loss=bce"], ["model.similarity=cosine", "model.temperature=0.1", "optim.mask_history=true"],
                                        ["model.item_dropout=0.3", "optim.mask_history=true", "optim.lr_schedule=cosine"]])
 def test_every_backbone_and_loss_trains_and_is_deterministic(tmp_path, synthetic_dataset, overrides):
