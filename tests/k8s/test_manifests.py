@@ -43,6 +43,7 @@ API_VERSIONS = {
 # request_ingress_metrics.py, deployment_state.py; ray/dashboard/modules/metrics/dashboards/default_dashboard_panels.py).
 RAY_SERIES = {
     "ray_serve_num_grpc_requests_total", "ray_serve_grpc_request_latency_ms_bucket",
+    "ray_serve_grpc_request_latency_ms_count",
     "ray_serve_deployment_replica_healthy", "ray_node_gpus_utilization",
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
