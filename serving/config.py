@@ -20,8 +20,9 @@ from serving.history import HistoryConfig
 from serving.validation import Limits
 
 SERVE_CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")  # the one Serve config
-# Topology. Where retrieval runs: inside the ingress replica (a function call) or as its own deployment (a hop);
-# where the MMR re-ranker runs: inside retrieval (a function call) or as its own deployment (a hop).
+# Topology. Where the encoder and retrieval run: inside the ingress replica (a function call) or as their own
+# deployments (a hop each); where the MMR re-ranker runs: inside retrieval (a function call) or as its own deployment.
+ENCODER_IN_INGRESS = "ingress"
 RETRIEVAL_IN_INGRESS = "ingress"
 RERANK_IN_RETRIEVAL = "retrieval"
 OWN_DEPLOYMENT = "deployment"
@@ -37,6 +38,11 @@ class Section(BaseModel):
 
 
 class EncoderArgs(Section):
+    # deployment: its own replica pool, scaled and placed apart from the ingress (autoscaling, GPU, bf16: the
+    # choice for Kubernetes and for any model bigger than a toy); ingress: the forward pass in the ingress replica,
+    # on its CPUs, one hop fewer (a hop costs more than a small model's forward pass on a small machine: BENCHMARKS.md
+    # section 2). Batch options below apply to the deployment; in the ingress, its own batches are the encoder's.
+    placement: Literal["ingress", "deployment"] = OWN_DEPLOYMENT
     max_batch_size: int = Field(64, ge=1)  # >= ingress.max_batch_size: one ingress batch always fits
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
 

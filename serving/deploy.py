@@ -129,11 +129,7 @@ def preflight(config: dict) -> AppArgs:
     except ValidationError as error:
         raise ConfigError(f"applications[0].args: {error}") from None
     deployments = {d["name"]: d for d in app.get("deployments", [])}
-    bound = bound_deployments(args)
-    for name in deployments.keys() - set(bound):
-        raise ConfigError(f"deployments[{name}]: not part of the app with retrieval.placement "
-                          f"{args.retrieval.placement!r} and rerank.placement {args.rerank.placement!r} "
-                          f"(deployments: {list(bound)})")
+    bound = check_topology(app, args)
     artifact_paths = set()
     for name in (n for n in bound if is_model_deployment(n)):
         try:
@@ -157,9 +153,23 @@ def preflight(config: dict) -> AppArgs:
     return args
 
 
+def check_topology(app: dict, args: AppArgs, where: str = "") -> tuple[str, ...]:
+    """The deployments `args` bind; ConfigError naming any deployment the app lists beyond them (a deployment of
+    another topology, or a misspelled name). A bound deployment the app does not list runs on its defaults."""
+    bound = bound_deployments(args)
+    for name in [d.get("name") for d in app.get("deployments", [])]:
+        if name not in bound:
+            raise ConfigError(f"{where}deployments[{name}]: not part of the app with encoder.placement "
+                              f"{args.encoder.placement!r}, retrieval.placement {args.retrieval.placement!r} and "
+                              f"rerank.placement {args.rerank.placement!r} (deployments: {list(bound)})")
+    return bound
+
+
 def bound_deployments(args: AppArgs) -> tuple[str, ...]:
     """The deployments build_app binds for these args (the topology)."""
-    names = [INGRESS_DEPLOYMENT, ENCODER_DEPLOYMENT]
+    names = [INGRESS_DEPLOYMENT]
+    if args.encoder.placement == OWN_DEPLOYMENT:
+        names.append(ENCODER_DEPLOYMENT)
     if args.retrieval.placement == OWN_DEPLOYMENT:
         names.append(RETRIEVAL_DEPLOYMENT)
     if args.retrieval.num_shards > 1:

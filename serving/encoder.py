@@ -1,6 +1,8 @@
-"""The encoder deployment: histories of concurrent requests become user vectors in one batched forward pass.
+"""The encoder: histories of concurrent requests become user vectors in one batched forward pass.
 
-Each call carries the histories of one ingress batch; `@serve.batch` merges calls that arrive together.
+`EncoderStage` does the work wherever it runs: in the Encoder deployment (each call carries the histories of one
+ingress batch; `@serve.batch` merges calls that arrive together), or in the ingress replica itself
+(`encoder.placement: ingress`, serving/config.py).
 
 The model and the history -> vector step come from training/model.py (`load_encoder`, `encode_histories`),
 so padding and truncation to the model's max_len are the trained ones. A replica given a GPU (`num_gpus` in
@@ -66,52 +68,49 @@ class _Prepared:
     behaviors: np.ndarray  # (n,) int64 behaviour indices
 
 
-@serve.deployment(max_ongoing_requests=64)
-class Encoder:
-    def __init__(self, args: EncoderArgs) -> None:
+class EncoderStage:
+    """The encoder of one replica, wherever it runs: the versioned model, per-request checks, the forward pass.
+
+    The Encoder deployment wraps it; with `encoder.placement: ingress` the ingress replica holds one itself. Torch
+    threads follow the replica's CPUs, and a replica given a GPU uses it.
+    """
+
+    def __init__(self, metrics: ServingMetrics, owner: str = "encoder") -> None:
         resources = ray.get_runtime_context().get_assigned_resources()
         torch.set_num_threads(torch_threads(resources.get("CPU", 1.0)))
         self._placement = choose_placement(torch.cuda.is_available(), len(ray.get_gpu_ids()))
-        logger.info("encoder on %s (autocast %s), %d torch threads",
-                    self._placement.device, self._placement.dtype, torch.get_num_threads())
-        self._metrics = ServingMetrics()
-        self._models: ModelSlot[LoadedEncoder] = ModelSlot("encoder", self._load, self._metrics.observe_reload)
-        self._encode_batch.set_max_batch_size(args.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        logger.info("%s on %s (autocast %s), %d torch threads",
+                    owner, self._placement.device, self._placement.dtype, torch.get_num_threads())
+        self._metrics = metrics
+        self.models: ModelSlot[LoadedEncoder] = ModelSlot(owner, self._load, metrics.observe_reload)
 
     def _load(self, artifact: Artifact) -> LoadedEncoder:
         model = load_encoder(artifact.encoder_config, artifact.encoder_weights_path, self._placement.device)
         return LoadedEncoder(catalogue=Catalogue.from_artifact(artifact), model=model)
 
-    def reconfigure(self, user_config: dict) -> None:
-        self._models.reload(user_config)  # sync: Serve runs it in a worker thread while requests continue
-
-    def check_health(self) -> None:
-        self._models.loaded  # raises until an artifact is loaded
-
-    async def encode(self, requests: list[EncodeRequest]) -> list[EncodedUser]:
-        """User vectors of the requests' histories, each under its requested (or the current) model version."""
-        prepared = [self._prepare(request) for request in requests]  # every check runs before batching
-        vectors = await self._encode_batch(prepared)
-        return [EncodedUser(user_vector=vector, model_version=p.loaded.model_version)
-                for vector, p in zip(vectors, prepared)]
-
-    def _prepare(self, request: EncodeRequest) -> _Prepared:
-        loaded = self._models.resolve(request.model_version)
+    def prepare(self, request: EncodeRequest) -> _Prepared:
+        """Resolves the model version (VersionUnavailable) and the history's indices; runs before batching."""
+        loaded = self.models.resolve(request.model_version)
         items, behaviors = loaded.catalogue.history_indices(request.history)
         if items.size == 0:  # only mid-rollout: the ingress checked the history against its own version
             raise Unavailable("model_version", f"{loaded.model_version} knows none of the history's items")
         return _Prepared(loaded, items, behaviors)
 
-    @serve.batch(batch_size_fn=count_items)
-    async def _encode_batch(self, calls: list[list[_Prepared]]) -> list[list[np.ndarray]]:
-        batch = flatten(calls)
+    async def user_vectors(self, batch: list[_Prepared]) -> list[np.ndarray]:
+        """(D,) float32 vectors of prepared histories, in order: one forward pass per model version in the batch,
+        in a worker thread, so the event loop keeps serving (and batching) meanwhile."""
         self._metrics.observe_batch(STAGE_ENCODE, len(batch))
+        return await asyncio.to_thread(self._forward, batch)
+
+    async def encode(self, requests: list[EncodeRequest]) -> list[EncodedUser]:
+        """`prepare` and `user_vectors` for a caller that already holds the whole batch (the ingress)."""
+        prepared = [self.prepare(request) for request in requests]
+        return encoded_users(prepared, await self.user_vectors(prepared))
+
+    def _forward(self, batch: list[_Prepared]) -> list[np.ndarray]:
         vectors: list[np.ndarray] = [None] * len(batch)  # type: ignore[list-item]
         for loaded, positions in group_by_model(batch, lambda prepared: prepared.loaded):
-            # In a worker thread, so the event loop keeps collecting the next batch during the forward pass.
-            user_vectors = await asyncio.to_thread(
-                encode_histories,
+            user_vectors = encode_histories(
                 loaded.model,
                 [batch[p].items for p in positions],
                 [batch[p].behaviors for p in positions],
@@ -120,4 +119,35 @@ class Encoder:
             )  # (b, D) float32
             for row, position in enumerate(positions):
                 vectors[position] = user_vectors[row]
-        return split(vectors, calls)
+        return vectors
+
+
+def encoded_users(prepared: list[_Prepared], vectors: list[np.ndarray]) -> list[EncodedUser]:
+    return [EncodedUser(user_vector=vector, model_version=p.loaded.model_version)
+            for vector, p in zip(vectors, prepared)]
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Encoder:
+    """The encoder as its own deployment (`encoder.placement: deployment`): its own pool, autoscaled, GPU-capable;
+    `@serve.batch` merges the calls (each an ingress batch) that arrive together."""
+
+    def __init__(self, args: EncoderArgs) -> None:
+        self._stage = EncoderStage(ServingMetrics())
+        self._encode_batch.set_max_batch_size(args.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self._stage.models.reload(user_config)  # sync: Serve runs it in a worker thread while requests continue
+
+    def check_health(self) -> None:
+        self._stage.models.loaded  # raises until an artifact is loaded
+
+    async def encode(self, requests: list[EncodeRequest]) -> list[EncodedUser]:
+        """User vectors of the requests' histories, each under its requested (or the current) model version."""
+        prepared = [self._stage.prepare(request) for request in requests]  # every check runs before batching
+        return encoded_users(prepared, await self._encode_batch(prepared))
+
+    @serve.batch(batch_size_fn=count_items)
+    async def _encode_batch(self, calls: list[list[_Prepared]]) -> list[list[np.ndarray]]:
+        return split(await self._stage.user_vectors(flatten(calls)), calls)

@@ -1,10 +1,11 @@
 """The gRPC ingress: RankingService and grpc.health.v1 Check; each RPC validates, orchestrates and converts.
 
-Rank: validate (serving/validation.py) -> history (inline events, else the store) -> encode (encoder
-deployment) -> retrieve and re-rank (in this replica by default; or the retrieval and re-ranker deployments)
--> RankResponse. Validated requests that arrive together share a batch: one encoder call and one retrieval call
-per batch, not per request. A user without usable history gets the cold-start list (`ingress.cold_start`).
-Domain errors, here or in a downstream replica, become status codes in one place: `rpc_method`.
+Rank: validate (serving/validation.py) -> history (inline events, else the store) -> encode -> retrieve and
+re-rank -> RankResponse. Encoding and retrieval run in this replica or in their own deployments
+(`encoder.placement`, `retrieval.placement`; re-ranking inside retrieval or in its own deployment). Validated
+requests that arrive together share a batch: one encoder call and one retrieval call per batch, not per request.
+A user without usable history gets the cold-start list (`ingress.cold_start`). Domain errors, here or in a
+downstream replica, become status codes in one place: `rpc_method`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Awaitable, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence, TypeVar
 
 import numpy as np
 from grpc_health.v1 import health_pb2
@@ -27,7 +28,7 @@ from serving import health
 from serving.auth import authenticator
 from serving.batching import SlotBatcher
 from serving.catalogue import Catalogue, History
-from serving.config import IngressArgs, RetrievalArgs
+from serving.config import EncoderArgs, IngressArgs, RetrievalArgs
 from serving.errors import NotFound, RpcHooks, Unavailable, rpc_method
 from serving.generated.seqrank.v1 import ranking_pb2
 from serving.history import Event, StoredEvent, open_history_store, resolve_history_url
@@ -41,6 +42,9 @@ from serving.metrics import (
 from serving.reload import ModelSlot, VersionUnavailable
 from serving.retrieval import RetrievalStage, popular_candidates, rerank_all
 from serving.validation import RankQuery, validate_record_events_request, validate_rank_request
+
+if TYPE_CHECKING:  # imported at run time only by an ingress that encodes (torch)
+    from serving.encoder import EncoderStage
 
 logger = logging.getLogger(f"ray.serve.{__name__}")
 T = TypeVar("T")
@@ -175,6 +179,16 @@ def model_info(catalogue: Catalogue) -> ranking_pb2.GetModelInfoResponse:
     )
 
 
+class RemoteEncoder:
+    """The Encoder deployment (encoder.placement: deployment): one call per batch."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def encode(self, requests: list[EncodeRequest]) -> list[EncodedUser]:
+        return await self._handle.encode.remote(requests)
+
+
 class LocalRetrieval:
     """Retrieval inside the ingress replica (retrieval.placement: ingress): a function call per batch."""
 
@@ -206,14 +220,24 @@ class RankingIngress:
     def __init__(
         self,
         args: IngressArgs,
+        encoder_args: EncoderArgs,
         retrieval_args: RetrievalArgs,
-        encoder: DeploymentHandle,
+        encoder: DeploymentHandle | None,  # None: the encoder runs in this replica
         retrieval: DeploymentHandle | None,  # None: retrieval runs in this replica
         reranker: DeploymentHandle | None,  # None: retrieval re-ranks
     ) -> None:
         self._args = args
         self._metrics = ServingMetrics()
-        self._encoder, self._reranker = encoder, reranker
+        self._reranker = reranker
+        self._local_encoder: EncoderStage | None = None  # this replica's model, when the encoder runs here
+        if encoder is None:
+            # Imported here, at replica start, so that an ingress with an Encoder deployment never loads torch.
+            from serving.encoder import EncoderStage
+
+            self._local_encoder = EncoderStage(self._metrics, "ingress encoder")
+            self._encoder: EncoderStage | RemoteEncoder = self._local_encoder
+        else:
+            self._encoder = RemoteEncoder(encoder)
         self._local_retrieval: RetrievalStage | None = None  # this replica's index, when retrieval runs here
         if retrieval is None:
             self._local_retrieval = RetrievalStage(retrieval_args, self._metrics, "ingress retrieval")
@@ -233,14 +257,16 @@ class RankingIngress:
     def reconfigure(self, user_config: dict) -> None:
         # Sync: Serve runs it in a worker thread while requests continue. Each slot keeps its old version if its
         # reload fails; the version protocol (serving/reload.py) keeps requests consistent either way.
-        if self._local_retrieval is not None:
-            self._local_retrieval.models.reload(user_config)
+        for stage in (self._local_encoder, self._local_retrieval):
+            if stage is not None:
+                stage.models.reload(user_config)
         self._catalogues.reload(user_config)
 
     def check_health(self) -> None:
         self._catalogues.loaded  # raise until an artifact is loaded
-        if self._local_retrieval is not None:
-            self._local_retrieval.models.loaded
+        for stage in (self._local_encoder, self._local_retrieval):
+            if stage is not None:
+                stage.models.loaded
 
     def __del__(self) -> None:
         store = getattr(self, "_store", None)  # absent when __init__ failed
@@ -326,13 +352,13 @@ class RankingIngress:
         self._metrics.observe_batch(STAGE_RANK, len(works))
         stages: list[tuple[str, float]] = []
         encode = [EncodeRequest(work.history) for work in works]
-        encoded = await timed(stages, STAGE_ENCODE, self._encoder.encode.remote(encode))
+        encoded = await timed(stages, STAGE_ENCODE, self._encoder.encode(encode))
         try:
             ranked = await timed(stages, STAGE_RETRIEVE, self._retrieve(works, encoded))
         except VersionUnavailable as error:  # mid-rollout: the encoder reloaded before retrieval did
             self._metrics.observe_version_retry(len(works))
             encode = [replace(request, model_version=error.held[0]) for request in encode]  # retrieval's newest
-            encoded = await timed(stages, STAGE_ENCODE, self._encoder.encode.remote(encode))
+            encoded = await timed(stages, STAGE_ENCODE, self._encoder.encode(encode))
             ranked = await timed(stages, STAGE_RETRIEVE, self._retrieve(works, encoded))
         return [RankOutcome(item, (*stages, (STAGE_RERANK, item.rerank_ms))) for item in ranked]
 

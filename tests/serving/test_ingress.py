@@ -82,7 +82,7 @@ import asyncio  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from serving.config import IngressArgs, RetrievalArgs  # noqa: E402
+from serving.config import EncoderArgs, IngressArgs, RetrievalArgs  # noqa: E402
 from serving.history import HistoryConfig  # noqa: E402
 from serving.ingress import RankingIngress  # noqa: E402
 from serving.messages import CandidateSet, EncodedUser  # noqa: E402
@@ -164,7 +164,8 @@ def make_ingress(tmp_path, artifact_dir, reranker=None, max_concurrent_batches=2
     args = IngressArgs(history=HistoryConfig(url=f"sqlite:///{tmp_path / 'history.db'}"),
                        max_concurrent_batches=max_concurrent_batches)
     encoder, retrieval = FakeEncoder(), FakeRetrieval()
-    ingress = RankingIngress.func_or_class(args, RetrievalArgs(placement="deployment"), encoder, retrieval, reranker)
+    ingress = RankingIngress.func_or_class(args, EncoderArgs(placement="deployment"),
+                                           RetrievalArgs(placement="deployment"), encoder, retrieval, reranker)
     ingress.reconfigure({"artifact_path": str(artifact_dir)})
     return ingress, encoder, retrieval
 
@@ -236,7 +237,8 @@ def test_retrieval_inside_the_ingress_ranks_against_its_own_index(tmp_path, arti
     encoder = FakeEncoder()
     encoder.encode = Remote(lambda requests: [EncodedUser(user_vector, "small-v1") for _ in requests])
     args = IngressArgs(history=HistoryConfig(url=f"sqlite:///{tmp_path / 'history.db'}"))
-    ingress = RankingIngress.func_or_class(args, RetrievalArgs(placement="ingress"), encoder, None, None)
+    ingress = RankingIngress.func_or_class(args, EncoderArgs(placement="deployment"),
+                                           RetrievalArgs(placement="ingress"), encoder, None, None)
     ingress.reconfigure({"artifact_path": str(artifact_dir)})
     response, context = rank(ingress, k=5, diversity=0.0, exclude_item_ids=["sku-2"])
     assert context.code is None and response.model_version == "small-v1"
