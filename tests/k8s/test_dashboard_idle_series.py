@@ -1,6 +1,7 @@
-"""The dashboard's quantile and ratio panels over synthetic series, evaluated by `promtool test rules`: a method or stage with calls in the window gets a finite value; one that had calls earlier
-but none in the window gets no series at all (Grafana draws no line), never NaN, the 0/0 that histogram_quantile
-and a mean give over all-zero rates. tests/e2e/test_promql.py evaluates the same queries on live Ray metrics, but
+"""The dashboard's quantile and ratio panels over synthetic series, evaluated by `promtool test rules`: a method or
+stage with calls in the window gets a finite value; one that had calls earlier but none in the window gets no
+series at all (Grafana draws no line), never NaN, the 0/0 that histogram_quantile and a mean give over all-zero
+rates. tests/e2e/test_promql.py evaluates the same queries on live Ray metrics, but
 there every method and stage keeps getting traffic, so the idle case is checked here, where it is exact.
 """
 
