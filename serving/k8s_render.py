@@ -10,6 +10,7 @@ tests/k8s fails when it differs from a fresh render.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import types
 from dataclasses import dataclass
@@ -53,22 +54,22 @@ RENDER_TARGETS = (
 
 
 def merge_overrides(config: Any, overrides: Any, where: str = "") -> Any:
-    """`overrides` laid over `config`: maps merge key by key, named lists by name; a name must already exist."""
+    """`overrides` laid over `config`: maps merge key by key, named lists by name. An entry whose name the config
+    lacks is appended whole: how Kubernetes adds the deployments of its topology (the Encoder pool). A misspelled
+    deployment name therefore still fails, in `render_serve_config`: the app's args do not bind it."""
     if isinstance(config, dict) and isinstance(overrides, dict):
         merged = dict(config)
         for key, value in overrides.items():
             merged[key] = merge_overrides(config[key], value, f"{where}.{key}") if key in config else value
         return merged
     if _is_named_list(config) and _is_named_list(overrides):
-        by_name = {entry[MERGE_KEY]: entry for entry in config}
-        merged_by_name = dict(by_name)
+        merged_by_name = {entry[MERGE_KEY]: entry for entry in config}  # config order, then the additions
         for entry in overrides:
             name = entry[MERGE_KEY]
-            if name not in by_name:
-                raise ValueError(f"{where}: override names {name!r}, which the Serve config does not define "
-                                 f"(defined: {sorted(by_name)})")
-            merged_by_name[name] = merge_overrides(by_name[name], entry, f"{where}[{name}]")
-        return [merged_by_name[entry[MERGE_KEY]] for entry in config]
+            known = merged_by_name.get(name)
+            merged_by_name[name] = (copy.deepcopy(entry) if known is None  # no YAML anchors shared with others
+                                    else merge_overrides(known, entry, f"{where}[{name}]"))
+        return list(merged_by_name.values())
     return overrides
 
 
@@ -138,12 +139,18 @@ def check_serve_config(config: dict) -> None:
 
 
 def render_serve_config(target: RenderTarget, serve_config_path: Path = SERVE_CONFIG, k8s_dir: Path = K8S_DIR) -> dict:
-    """The Serve config for one kustomization: the local config with its override files applied and checked."""
+    """The Serve config for one kustomization: the local config with its override files applied and checked, the
+    listed deployments exactly those its topology binds."""
+    from serving.deploy import check_topology  # serving.deploy imports this module
+
     config = yaml.safe_load(serve_config_path.read_text())
     for override_dir in target.override_dirs:
         overrides_path = k8s_dir / override_dir / OVERRIDES_FILE
         config = merge_overrides(config, yaml.safe_load(overrides_path.read_text()), f"{override_dir}/{OVERRIDES_FILE}")
     check_serve_config(config)
+    for app in config.get("applications", []):
+        if app.get("import_path") == APP_IMPORT_PATH:
+            check_topology(app, AppArgs.parse(app.get("args", {})), where=f"{target.directory}: ")
     return config
 
 

@@ -39,6 +39,7 @@ from tests.e2e.helpers import random_history
 from serving.retry import NO_RETRY, RetryPolicy
 from tests.e2e.load import OK, ClosedLoop
 from tests.serving.conftest import RedisServer, require_redis_server
+from tests.topology import with_deployment_pools
 
 pytestmark = pytest.mark.slow
 
@@ -101,8 +102,18 @@ def summary(label: str, outcomes) -> str:
 
 # ---- 1. an Encoder replica killed under Rank load ----------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def encoder_pool(service):
+    """The Encoder deployment of the Kubernetes topology (locally the encoder runs inside the ingress)."""
+    service.apply(with_deployment_pools(service.config))
+    try:
+        yield
+    finally:
+        service.apply(service.config)
+
+
 @pytest.mark.parametrize("retry", [NO_RETRY, CLIENT_RETRIES], ids=["without_retries", "with_client_retries"])
-def test_killed_encoder_replica_is_replaced_under_load(service, manifest, item_ids, retry):
+def test_killed_encoder_replica_is_replaced_under_load(encoder_pool, service, manifest, item_ids, retry):
     # long histories keep the encoder busy, so the kill is likely to catch a batch inside it
     length = min(len(item_ids) - 1, manifest["encoder_config"]["max_len"])
     histories = [random_history(item_ids, manifest["behavior_names"], seed=seed, length=length) for seed in range(8)]

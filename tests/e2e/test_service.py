@@ -3,7 +3,6 @@ info, and the Prometheus export."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import urllib.request
@@ -12,10 +11,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from serving.catalogue import History
 from serving.generated.seqrank.v1 import ranking_pb2 as pb
 from serving.history import Event
-from serving.messages import EncodeRequest
 from serving.metrics import ALL_METRICS, VERSION_RETRIES
 from training.metrics import intra_list_diversity
 from tests.e2e.helpers import exact_ranking, random_history, trained_user_vector
@@ -48,20 +45,19 @@ def test_lambda_zero_equals_exact_dot_product_search(client, tiny_run, manifest,
                                rtol=1e-4, atol=1e-4)
 
 
-def test_served_user_vector_equals_the_trained_one(service, driver_loop, tiny_run, manifest, item_ids):
-    from ray import serve
-
-    events = random_history(item_ids, manifest["behavior_names"], seed=6, length=60)  # longer than max_len
-    history = History(item_ids=tuple(e.raw_item_id for e in events), behaviors=tuple(e.behavior for e in events))
-
-    async def encode():
-        encoder = serve.get_deployment_handle("Encoder", app_name=service.app_name)
-        return await encoder.encode.remote([EncodeRequest(history)])
-
-    (served,) = asyncio.run_coroutine_threadsafe(encode(), driver_loop).result(timeout=60)
-    assert served.model_version == manifest["model_version"]
-    np.testing.assert_allclose(served.user_vector, trained_user_vector(tiny_run, manifest, item_ids, events),
-                               rtol=1e-5, atol=1e-6)
+def test_served_user_vector_equals_the_trained_one(client, tiny_run, manifest, item_ids, item_vectors):
+    """Through Rank, wherever the encoder runs (in the committed config: inside the ingress, so no handle to call):
+    at diversity 0 each returned relevance is <served user vector, item vector>; 50 of them against the trained
+    vector's pin the (D,) vector down. The history is longer than max_len, so truncation is checked too.
+    tests/e2e/test_topologies.py compares the Encoder deployment's vector itself."""
+    events = random_history(item_ids, manifest["behavior_names"], seed=6, length=60)
+    user_vector = trained_user_vector(tiny_run, manifest, item_ids, events)
+    expected = exact_ranking(user_vector, item_vectors, item_ids, events)[:50]
+    response = client.rank("u-parity", recent_events=events, k=50, diversity=0.0)
+    assert response.model_version == manifest["model_version"]
+    assert [item.item_id for item in response.items] == expected
+    np.testing.assert_allclose([item.relevance for item in response.items],
+                               item_vectors[[item_ids.index(i) for i in expected]] @ user_vector, rtol=1e-5, atol=1e-5)
 
 
 def test_raising_lambda_raises_intra_list_diversity(client, manifest, item_ids, item_vectors):

@@ -22,6 +22,13 @@ def local_config() -> dict:
     return yaml.safe_load(SERVE_CONFIG.read_text())
 
 
+@pytest.fixture(scope="module")
+def pool_config() -> dict:
+    """The base Kubernetes config: it has the autoscaled Encoder pool, which the local config runs in the ingress."""
+    (base,) = [target for target in RENDER_TARGETS if target.directory == "base"]
+    return k8s_render.render_serve_config(base)
+
+
 def test_committed_serve_config_v2_patches_match_a_fresh_render():
     stale = k8s_render.stale_patches()
     assert not stale, f"stale {sorted(str(path) for path in stale)}: run `python -m serving.k8s_render`"
@@ -91,11 +98,11 @@ def _misspell(config: dict, path: tuple, key: str) -> dict:
          "RayActorOptionsSchema"),
     ],
 )
-def test_a_misspelled_key_at_any_depth_is_reported_although_ray_accepts_it(local_config, path, key, reported):
-    index = _deployment_index(local_config, "autoscaling_config")  # it also has ray_actor_options
+def test_a_misspelled_key_at_any_depth_is_reported_although_ray_accepts_it(pool_config, path, key, reported):
+    index = _deployment_index(pool_config, "autoscaling_config")  # it also has ray_actor_options
     path = tuple(index if part == "D" else part for part in path)
     reported = reported.replace("deployments[D]", f"deployments[{index}]")
-    broken = _misspell(local_config, path, key)
+    broken = _misspell(pool_config, path, key)
     ServeDeploySchema.model_validate(broken)  # Ray's own schema lets it through: the reason for the strict check
     problems = unknown_keys(broken, ServeDeploySchema, "serve_config")
     assert len(problems) == 1 and problems[0].startswith(reported), problems
@@ -103,8 +110,8 @@ def test_a_misspelled_key_at_any_depth_is_reported_although_ray_accepts_it(local
         check_serve_config(broken)
 
 
-def test_autoscaling_values_are_checked_too(local_config):
-    config = copy.deepcopy(local_config)
+def test_autoscaling_values_are_checked_too(pool_config):
+    config = copy.deepcopy(pool_config)
     index = _deployment_index(config, "autoscaling_config")
     config["applications"][0]["deployments"][index]["autoscaling_config"] = {"min_replicas": 3, "max_replicas": 1}
     with pytest.raises(ValueError, match="max_replicas"):
@@ -130,16 +137,36 @@ def test_the_apps_own_args_and_user_config_are_checked_strictly(local_config, wh
         check_serve_config(config)
 
 
-def test_an_override_naming_a_missing_deployment_fails_loudly(local_config):
-    app_name = local_config["applications"][0]["name"]
-    overrides = {"applications": [{"name": app_name, "deployments": [{"name": "Encodr", "num_replicas": 2}]}]}
-    with pytest.raises(ValueError, match=r"override names 'Encodr', which the Serve config does not define"):
-        merge_overrides(local_config, overrides, "serve-overrides.yaml")
+def test_an_override_naming_a_deployment_the_topology_does_not_bind_fails_loudly(tmp_path):
+    """Overrides may add deployments (Kubernetes adds the Encoder and Retrieval pools), so a misspelled name is
+    caught by the topology check of the render."""
+    overrides = yaml.safe_load((k8s_render.K8S_DIR / "base" / k8s_render.OVERRIDES_FILE).read_text())
+    overrides["applications"][0]["deployments"].append({"name": "Encodr", "num_replicas": 2})
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / k8s_render.OVERRIDES_FILE).write_text(yaml.safe_dump(overrides))
+    (base,) = [target for target in RENDER_TARGETS if target.directory == "base"]
+    with pytest.raises(ValueError, match=r"base: deployments\[Encodr\]: not part of the app"):
+        k8s_render.render_serve_config(base, k8s_dir=tmp_path)
+
+
+def test_kubernetes_runs_the_encoder_and_retrieval_pools_and_prod_gives_the_encoder_a_gpu(local_config):
+    """Locally the stages run inside the ingress (fewest hops on a small machine); every Kubernetes target keeps
+    the Encoder pool (autoscaled, on the GPU in prod) and the Retrieval deployment (needed for sharding)."""
+    local_args = local_config["applications"][0]["args"]
+    assert (local_args["encoder"]["placement"], local_args["retrieval"]["placement"]) == ("ingress", "ingress")
+    for target in RENDER_TARGETS:
+        (app,) = k8s_render.render_serve_config(target)["applications"]
+        assert app["args"]["encoder"]["placement"] == app["args"]["retrieval"]["placement"] == "deployment"
+        deployments = {d["name"]: d for d in app["deployments"]}
+        assert set(deployments) == {"RankingIngress", "Encoder", "Retrieval"}, target.directory
+        assert deployments["Encoder"]["autoscaling_config"]["max_replicas"] > 1
+        expected_gpus = 1 if target.directory == "overlays/prod-gpu" else 0
+        assert deployments["Encoder"]["ray_actor_options"]["num_gpus"] == expected_gpus, target.directory
 
 
 def test_merge_overrides_merges_maps_and_named_lists_and_replaces_other_lists():
     config = {"a": {"b": 1, "c": [1, 2]}, "apps": [{"name": "x", "v": 1, "w": 2}, {"name": "y", "v": 3}]}
-    overrides = {"a": {"c": [3]}, "apps": [{"name": "y", "v": 4}]}
+    overrides = {"a": {"c": [3]}, "apps": [{"name": "y", "v": 4}, {"name": "z", "v": 5}]}
     assert merge_overrides(config, overrides) == {
-        "a": {"b": 1, "c": [3]}, "apps": [{"name": "x", "v": 1, "w": 2}, {"name": "y", "v": 4}]
+        "a": {"b": 1, "c": [3]}, "apps": [{"name": "x", "v": 1, "w": 2}, {"name": "y", "v": 4}, {"name": "z", "v": 5}]
     }

@@ -10,6 +10,7 @@ from serving.deploy import (
 )
 from serving.health import HEALTH_SERVICER_FUNCTION
 from tests.serving.artifacts import write_small_artifact
+from tests.topology import with_deployment_pools
 from training.artifact import ArtifactError
 
 
@@ -21,6 +22,12 @@ def artifact(tmp_path_factory) -> Path:
 @pytest.fixture
 def config(artifact) -> dict:
     return localize(read_serve_config(), artifact_path=artifact)
+
+
+@pytest.fixture
+def pool_config(config) -> dict:
+    """The committed config with the Encoder and Retrieval deployments of the Kubernetes topology."""
+    return with_deployment_pools(config)
 
 
 def deployments(config) -> dict:
@@ -36,9 +43,17 @@ def test_committed_config_serves_both_grpc_services_with_a_route_prefix():
     app = application(config)
     assert app["route_prefix"] and app["import_path"] == "serving.app:build_app"
     by_name = deployments(config)
-    assert set(by_name) == {"RankingIngress", "Encoder", "Retrieval"}  # MMR runs inside Retrieval
+    assert set(by_name) == {"RankingIngress"}  # encoder, retrieval and MMR run inside the ingress
     assert all(d["max_ongoing_requests"] > 5 and d["max_queued_requests"] > 0 for d in by_name.values())
-    autoscaling = by_name["Encoder"]["autoscaling_config"]
+    args = app["args"]
+    assert (args["encoder"]["placement"], args["retrieval"]["placement"], args["rerank"]["placement"]) == (
+        "ingress", "ingress", "retrieval")
+
+
+def test_the_kubernetes_pools_pass_preflight_with_an_autoscaled_encoder(pool_config):
+    args = preflight(pool_config)
+    assert bound_deployments(args) == ("RankingIngress", "Encoder", "Retrieval")
+    autoscaling = deployments(pool_config)["Encoder"]["autoscaling_config"]
     assert autoscaling["max_replicas"] >= autoscaling["min_replicas"] >= 1
 
 
@@ -56,7 +71,8 @@ def test_localize_points_every_model_deployment_at_one_absolute_artifact(tmp_pat
         assert deployments(config)[name]["user_config"]["artifact_path"] == str(tmp_path / "relative" / "artifact")
     assert application(config)["args"]["ingress"]["history"]["url"] == f"sqlite:///{tmp_path}/seqrank-history.db"
     kept = localize(read_serve_config(), base_dir=tmp_path)  # no override: the config's own path, made absolute
-    assert deployments(kept)["Encoder"]["user_config"]["artifact_path"] == str(tmp_path / "artifacts" / "current")
+    kept_path = deployments(kept)["RankingIngress"]["user_config"]["artifact_path"]
+    assert kept_path == str(tmp_path / "artifacts" / "current")
 
 
 def test_absolute_sqlite_urls_are_kept(tmp_path):
@@ -66,19 +82,19 @@ def test_absolute_sqlite_urls_are_kept(tmp_path):
         "sqlite:////var/lib/seqrank.db")
 
 
-def test_unknown_serve_keys_are_refused(config):
-    deployments(config)["Encoder"]["max_ongoing_request"] = 10  # Ray's schema would silently drop it
-    deployments(config)["Encoder"]["ray_actor_options"]["num_gpu"] = 1
+def test_unknown_serve_keys_are_refused(pool_config):
+    deployments(pool_config)["Encoder"]["max_ongoing_request"] = 10  # Ray's schema would silently drop it
+    deployments(pool_config)["Encoder"]["ray_actor_options"]["num_gpu"] = 1
     with pytest.raises(ConfigError) as error:
-        preflight(config)
+        preflight(pool_config)
     for key in ("deployments[1].max_ongoing_request", "deployments[1].ray_actor_options.num_gpu"):
         assert key in str(error.value)
 
 
-def test_bad_autoscaling_values_are_refused(config):
-    deployments(config)["Encoder"]["autoscaling_config"]["max_replicas"] = 0  # Ray's schema does not check these
+def test_bad_autoscaling_values_are_refused(pool_config):
+    deployments(pool_config)["Encoder"]["autoscaling_config"]["max_replicas"] = 0  # Ray's schema does not check it
     with pytest.raises(ConfigError, match="max_replicas"):
-        preflight(config)
+        preflight(pool_config)
 
 
 def test_unknown_app_args_are_refused(config):
@@ -87,16 +103,16 @@ def test_unknown_app_args_are_refused(config):
         preflight(config)
 
 
-def test_model_deployments_must_name_the_same_artifact(config, tmp_path):
-    deployments(config)["Retrieval"]["user_config"]["artifact_path"] = str(tmp_path / "other")
+def test_model_deployments_must_name_the_same_artifact(pool_config, tmp_path):
+    deployments(pool_config)["Retrieval"]["user_config"]["artifact_path"] = str(tmp_path / "other")
     with pytest.raises(ConfigError, match="one artifact"):
-        preflight(config)
+        preflight(pool_config)
 
 
-def test_missing_user_config_is_refused(config):
-    del deployments(config)["Encoder"]["user_config"]
+def test_missing_user_config_is_refused(pool_config):
+    del deployments(pool_config)["Encoder"]["user_config"]
     with pytest.raises(ConfigError, match=r"deployments\[Encoder\].user_config"):
-        preflight(config)
+        preflight(pool_config)
 
 
 def test_corrupted_artifact_is_refused_before_submitting(config, artifact, tmp_path):
@@ -109,7 +125,8 @@ def test_corrupted_artifact_is_refused_before_submitting(config, artifact, tmp_p
         preflight(localize(config, artifact_path=corrupt))
 
 
-def test_topology_decides_which_deployments_the_config_may_list(config):
+def test_topology_decides_which_deployments_the_config_may_list(pool_config):
+    config = pool_config
     application(config)["deployments"].append({"name": "Reranker", "max_ongoing_requests": 32})
     with pytest.raises(ConfigError, match=r"deployments\[Reranker\]"):
         preflight(config)
@@ -120,12 +137,17 @@ def test_topology_decides_which_deployments_the_config_may_list(config):
         preflight(config)
     application(config)["deployments"] = [d for d in application(config)["deployments"] if d["name"] != "Retrieval"]
     assert bound_deployments(preflight(config)) == ("RankingIngress", "Encoder", "Reranker")
-
-
-def test_retrieval_deployment_needs_the_artifact_too(config):
-    del deployments(config)["Retrieval"]["user_config"]
-    with pytest.raises(ConfigError, match=r"deployments\[Retrieval\].user_config"):
+    application(config)["args"]["encoder"]["placement"] = "ingress"
+    with pytest.raises(ConfigError, match=r"deployments\[Encoder\]: not part of the app with encoder.placement"):
         preflight(config)
+    application(config)["deployments"] = [d for d in application(config)["deployments"] if d["name"] != "Encoder"]
+    assert bound_deployments(preflight(config)) == ("RankingIngress", "Reranker")
+
+
+def test_retrieval_deployment_needs_the_artifact_too(pool_config):
+    del deployments(pool_config)["Retrieval"]["user_config"]
+    with pytest.raises(ConfigError, match=r"deployments\[Retrieval\].user_config"):
+        preflight(pool_config)
 
 
 def test_ingress_queue_limit_must_not_cap_its_batches(config):

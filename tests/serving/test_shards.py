@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 from types import SimpleNamespace
 
 import hnswlib
@@ -20,6 +19,7 @@ from serving.shards import (
     RemoteShards, ShardedIndex, ShardIndex, estimate_index_bytes, index_file_bytes, merge_top_k, plan_num_shards,
     shard_items,
 )
+from tests.topology import with_deployment_pools
 from training.artifact import IndexParams, load_artifact, write_artifact
 from training.export import exact_top_k
 
@@ -165,7 +165,7 @@ def test_sharded_stage_returns_the_unsharded_candidates_with_exclusions(clustere
 
 
 def test_serve_raises_num_shards_to_fit_the_budget_and_adds_shard_deployments(clustered_artifact):
-    config = copy.deepcopy(read_serve_config())
+    config = with_deployment_pools(read_serve_config())  # sharding needs the Retrieval deployment
     retrieval = application(config)["args"]["retrieval"]
     per_shard_mb = estimate_index_bytes(NUM_ITEMS, DIM, 16) / 2**20
     retrieval["shard_memory_budget_mb"] = per_shard_mb / 2 * 1.05  # half the index fits, not all of it
