@@ -145,9 +145,9 @@ def test_rerank_without_history_gives_no_explanation():
 
 def reference_mmr(relevance, item_vectors, k, diversity):
     """The plain loop: max similarity recomputed over the whole selected set each step (floored at 0, as mmr's
-    docstring states), the picked ones masked."""
+    docstring states), the picked ones masked; cosines in float32 as in mmr, so near-ties round alike."""
     weighted = (1.0 - diversity) * normalise_relevance(relevance)
-    unit = unit_rows(item_vectors)
+    unit = unit_rows(item_vectors).astype(np.float32)
     picked = []
     for _ in range(k):
         # One mat-vec per selected item, as in mmr(): a matrix product would round differently and flip near-ties.
