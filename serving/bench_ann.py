@@ -219,8 +219,10 @@ class Row:
 
 
 def sweep(item_vectors: np.ndarray, queries: np.ndarray, methods: list[str], ms: list[int], ef_construction: int,
-          efs: list[int], k: int, build_threads: int, repeats: int) -> list[Row]:
-    """Exact search first (the truth and the baseline), then each method x M x ef."""
+          efs: list[int], k: int, build_threads: int, repeats: int,
+          on_row: Callable[[list[Row]], None] = lambda rows: None) -> list[Row]:
+    """Exact search first (the truth and the baseline), then each method x M x ef; `on_row(rows so far)` after
+    each row, so a run stopped early keeps what it measured."""
     k_max = max(k, *RECALL_KS)
     num_items = len(item_vectors)
     with one_thread():
@@ -228,6 +230,7 @@ def sweep(item_vectors: np.ndarray, queries: np.ndarray, methods: list[str], ms:
     rows = [Row("exact", num_items, None, None, None, 0.0, item_vectors.nbytes / 2**20, 1.0, 1.0,
                 exact.single_qps, exact.batched_qps)]
     logger.info("exact: %.1f queries/s single, %.1f batched", exact.single_qps, exact.batched_qps)
+    on_row(rows)
     for method in methods:
         for M in ms:
             built = BUILDERS[method](item_vectors, M, ef_construction, build_threads)
@@ -241,6 +244,7 @@ def sweep(item_vectors: np.ndarray, queries: np.ndarray, methods: list[str], ms:
                                     built.index_bytes / 2**20, recall_at_k(labels, truth, 10),
                                     recall_at_k(labels, truth, 100), speed.single_qps, speed.batched_qps))
                     logger.info("%s", rows[-1])
+                    on_row(rows)
             del built
     return rows
 
@@ -351,14 +355,20 @@ def bench_ann(*, artifact: str | None, num_items: int, dim: int, num_queries: in
         items, queries, description = artifact_vectors(artifact, num_queries, seed)
     else:
         items, queries, description = generated_vectors(num_items, dim, num_queries, seed)
-    rows = sweep(items, queries, methods, ms, ef_construction, efs, k, build_threads, repeats)
-    report = {
-        "vectors": description, "num_items": len(items), "dim": int(items.shape[1]), "queries": len(queries),
-        "vectors_mb": items.nbytes / 2**20, "build_threads": build_threads, "search_threads": 1, "repeats": repeats,
-        "date": time.strftime("%Y-%m-%d", time.gmtime()), "rows": [asdict(r) for r in rows],
-        "target": target_check(rows),
-    }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ann.json").write_text(json.dumps(report, indent=2))
+
+    def report_of(rows: list[Row]) -> dict:
+        return {
+            "vectors": description, "num_items": len(items), "dim": int(items.shape[1]), "queries": len(queries),
+            "vectors_mb": items.nbytes / 2**20, "build_threads": build_threads, "search_threads": 1,
+            "repeats": repeats, "date": time.strftime("%Y-%m-%d", time.gmtime()), "rows": [asdict(r) for r in rows],
+            "target": target_check(rows),
+        }
+
+    def write(rows: list[Row]) -> None:
+        (out_dir / "ann.json").write_text(json.dumps(report_of(rows), indent=2))
+
+    rows = sweep(items, queries, methods, ms, ef_construction, efs, k, build_threads, repeats, on_row=write)
+    report = report_of(rows)
     plot(rows, description, out_dir / "ann.png")
     return report
