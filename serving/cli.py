@@ -27,6 +27,8 @@ def add_train_commands(sub) -> None:
     evaluate.add_argument("--run", required=True)
     evaluate.add_argument("--split", default="test", choices=["test", "valid"])
     evaluate.add_argument("--baseline", default="model", choices=["model", "popular"])
+    evaluate.add_argument("--with", dest="with_runs", nargs="+", default=[], metavar="RUN",
+                          help="more runs on the same data: their scores are added (what model.towers trains in one run)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -72,13 +74,14 @@ def cmd_train(args) -> int:
     return 0
 
 
-def load_run_data(run_dir: Path):
+def load_run_data(run_dir: Path, data=None):
+    """A run's config and its data, checked against the fingerprint it was trained on (`data`: already loaded)."""
     from training.config import config_from_dict
     from training.data import load_sequences
     import yaml
 
     config = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    data = load_sequences(config.data)
+    data = data if data is not None else load_sequences(config.data)
     recorded = json.loads((run_dir / "data.json").read_text())["fingerprint"]
     if data.fingerprint != recorded:
         raise SystemExit(f"error: {config.data.path or 'synthetic data'} changed since run {run_dir} was trained "
@@ -88,7 +91,7 @@ def load_run_data(run_dir: Path):
 
 def cmd_evaluate(args) -> int:
     from training.evaluate import evaluate_model, evaluate_popularity
-    from training.model import load_encoder_dir
+    from training.model import EncoderEnsemble, load_encoder_dir
     from training.train import final_evaluation_users
 
     run_dir = Path(args.run)
@@ -97,8 +100,12 @@ def cmd_evaluate(args) -> int:
     if args.baseline == "popular":
         report = evaluate_popularity(data, args.split, config.eval.ks, config.eval.batch_size, users)
     else:
-        report = evaluate_model(load_encoder_dir(run_dir), data, args.split, config.eval.ks, config.eval.batch_size,
-                                users=users)
+        model = load_encoder_dir(run_dir)
+        if args.with_runs:
+            for other in args.with_runs:
+                load_run_data(Path(other), data)
+            model = EncoderEnsemble.of([model] + [load_encoder_dir(other) for other in args.with_runs])
+        report = evaluate_model(model, data, args.split, config.eval.ks, config.eval.batch_size, users=users)
     if args.json:
         print(json.dumps(report))
     else:

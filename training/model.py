@@ -249,6 +249,20 @@ class EncoderEnsemble(nn.Module):
             SequenceEncoder(replace(config, backbone=backbone, towers=()), item_attributes) for backbone in config.towers
         )
 
+    @classmethod
+    def of(cls, models: list[SequenceEncoder]) -> "EncoderEnsemble":
+        """Separately trained single models (same data, same settings but the backbone) as one ensemble."""
+        config = replace(models[0].config, towers=tuple(m.config.backbone for m in models))
+        for model in models:
+            if replace(model.config, backbone=models[0].config.backbone) != models[0].config:
+                raise ValueError("towers: every model must share the catalogue and all settings but the backbone")
+        ensemble = cls.__new__(cls)
+        nn.Module.__init__(ensemble)
+        ensemble.config, ensemble.towers = config, nn.ModuleList(models)
+        if not config.causal:
+            raise ValueError(f"towers: {list(config.towers)} must all be causal backbones")
+        return ensemble
+
     @property
     def behavior_embedding(self) -> nn.Module | None:
         return self.towers[0].behavior_embedding

@@ -50,3 +50,25 @@ def test_ensemble_trains_exports_and_serves_the_same_vectors(tmp_path):
     assert artifact.item_vectors.shape[1] == 2 * config.model.hidden_size
     vectors = served.output_item_vectors()[: served.config.num_items + 1].detach().numpy()
     np.testing.assert_allclose(artifact.item_vectors[1:], vectors[1:], rtol=1e-6)
+
+
+def test_separately_trained_runs_evaluate_as_one_ensemble(tmp_path, tiny_run, synthetic_dataset, capsys):
+    import json
+
+    from serving.cli import main
+    from tests.conftest import TINY_OVERRIDES
+    from training.model import load_encoder_dir
+
+    events, attributes = synthetic_dataset
+    config = load_config(None, TINY_OVERRIDES + [f"data.path={events}", f"data.attributes={attributes}",
+                                                 "model.backbone=llama", "optim.max_epochs=3"])
+    fit(config, tmp_path / "llama", progress=False)
+    first, second = load_encoder_dir(tiny_run), load_encoder_dir(tmp_path / "llama")
+    ensemble = EncoderEnsemble.of([first, second])
+    histories = [np.array([3, 4, 5])]
+    expected = sum(torch.from_numpy(encode_histories(m, histories)) @ m.output_item_vectors().T for m in (first, second))
+    torch.testing.assert_close(torch.from_numpy(encode_histories(ensemble, histories)) @ ensemble.output_item_vectors().T,
+                               expected)
+    assert main(["evaluate", "--run", str(tiny_run), "--with", str(tmp_path / "llama"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 < report["NDCG@10"] <= 1.0
