@@ -54,11 +54,6 @@ def estimate_index_bytes(num_items: int, dim: int, M: int) -> int:
     return int(index_file_bytes(num_items, dim, M) + num_items * HNSW_BOOKKEEPING_BYTES)
 
 
-def replica_bytes(num_items: int, dim: int, M: int, num_shards: int = 1) -> int:
-    """What one retrieval replica holds for a shard: its part of the index (vectors included)."""
-    return estimate_index_bytes(math.ceil(num_items / num_shards), dim, M)
-
-
 def plan_num_shards(num_items: int, dim: int, M: int, budget_mb: float | None, num_shards: int) -> int:
     """The number of shards: `num_shards`, raised until each shard's index fits `budget_mb` (None: no budget)."""
     if num_shards < 1:
@@ -136,7 +131,7 @@ class ShardedIndex:
         return cls([ShardIndex.build(artifact, num_shards, shard, ef) for shard in range(num_shards)])
 
     def knn_query(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(labels (B, k) uint64-compatible int64, distances 1 - <u, v>), as hnswlib's knn_query returns."""
+        """(labels (B, k) int64, distances 1 - <u, v>), like hnswlib's knn_query."""
         labels, scores = merge_top_k([shard.search(vectors, k) for shard in self.shards], k)
         return labels, 1.0 - scores
 
