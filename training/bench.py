@@ -84,7 +84,7 @@ def matmul_peak(device: str, dtype: str, seconds: float = 2.0) -> float:
     return 2.0 * n**3 * calls / (time.perf_counter() - started) / 1e12
 
 
-def _time_call(call, device: torch.device, seconds: float) -> list[float]:
+def _time_call(call, seconds: float) -> list[float]:
     call()  # warm-up
     durations = []
     started = time.perf_counter()
@@ -127,8 +127,7 @@ def bench_encoder(models: list[str], devices: list[str], dtypes: list[str], batc
                                                   skipped=f"est. {estimate:.0f} s per call"))
                         continue
                     durations = _time_call(
-                        lambda: encode_histories(model, histories, behaviors, device, DTYPES[dtype]),
-                        torch.device(device), seconds)
+                        lambda: encode_histories(model, histories, behaviors, device, DTYPES[dtype]), seconds)
                     latency = statistics.median(durations)
                     per_sequence_s = latency / batch_size
                     achieved = flops * batch_size / latency / 1e12
@@ -136,7 +135,6 @@ def bench_encoder(models: list[str], devices: list[str], dtypes: list[str], batc
                     rows.append(EncoderTiming(**base, latency_ms=latency * 1e3, sequences_per_s=batch_size / latency,
                                               achieved_tflops=achieved,
                                               percent_of_matmul_peak=100 * achieved / peak if peak else None))
-            del model
     return rows
 
 

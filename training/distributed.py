@@ -31,7 +31,6 @@ from training.config import TrainConfig, config_from_dict
 from training.data import SequenceData, load_sequences
 from training.train import Worker, fit
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,8 +102,7 @@ def fit_with_ray(config: TrainConfig, run_dir: str | Path, data: SequenceData | 
             # Without the dashboard (two cores here) Ray Train's placement-group cleaner cannot reach the State
             # API and warns every second; log_to_driver=progress keeps a --quiet run's console free of that.
             ray.init(address="local", num_cpus=settings.num_workers * settings.cpus_per_worker,
-                     num_gpus=settings.num_workers if settings.use_gpu else 0, include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=progress)
+                     include_dashboard=False, logging_level=logging.WARNING, log_to_driver=progress)
     storage = Path(tempfile.mkdtemp(prefix="seqrank-ray-train-"))  # Ray Train's own state, not part of the run
     try:
         trainer = TorchTrainer(
