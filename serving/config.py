@@ -96,8 +96,10 @@ class LocalArgs(Section):
     metrics_export_port: int = Field(8080, ge=1, le=65535)  # Prometheus scrape port of Ray's metrics agent
     dashboard_port: int = Field(8265, ge=1, le=65535)  # Serve's REST API, which applies configs in place
     # Ray's documented high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 on every Ray process: gRPC between
-    # replicas, user code on the replica's main loop). Measured here: Rank p50 -10..40 %, throughput +30..50 %.
-    # Cluster-wide, so off unless asked for; on Kubernetes it is the containers' environment.
+    # replicas, user code on the replica's main loop). Measured on 2 cores (BENCHMARKS.md section 2): it helps while
+    # deployment hops remain (Rank p50 4.8x -> 3.7x the echo with the Encoder and Retrieval deployments), not with
+    # both stages in the ingress (2.6x either way). Cluster-wide, so off unless asked for; on Kubernetes it is the
+    # containers' environment.
     throughput_optimized: bool = False
     # Largest request or response message the gRPC proxy accepts (Ray's RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, 2 GiB by
     # default); larger ones are refused RESOURCE_EXHAUSTED before any replica sees them. 1 MiB holds the largest
