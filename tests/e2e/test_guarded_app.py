@@ -29,6 +29,7 @@ OLD_TOKEN, NEW_TOKEN = "e2e-old-token-5b0c9f2e41d7a863", "e2e-new-token-0e6f3a9d
 REJECTED_TOKEN = "e2e-rejected-token-91a4c07f3e5d2b68"  # must never show up in a log or a message
 DEPLOY_TIMEOUT_S = 240.0
 BURST = 40  # concurrent Rank calls against 1 running + 1 queued
+DEADLINE_S = 30.0
 
 
 def guarded_application(base: dict, tokens_file: Path, history_db: Path) -> dict:
@@ -150,7 +151,7 @@ def test_a_full_queue_answers_resource_exhausted_at_once(guarded, item_ids):
                 outcomes.append((code, time.monotonic() - started, future.details() or ""))
 
         started = time.monotonic()
-        futures = [stub.Rank.future(request, metadata=metadata, timeout=30) for _ in range(BURST)]
+        futures = [stub.Rank.future(request, metadata=metadata, timeout=DEADLINE_S) for _ in range(BURST)]
         for future in futures:
             future.add_done_callback(lambda f, started=started: record(f, started))
         for future in futures:
@@ -159,7 +160,9 @@ def test_a_full_queue_answers_resource_exhausted_at_once(guarded, item_ids):
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert codes[grpc.StatusCode.OK] >= 1 and codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= BURST // 2, codes
     rejected = sorted(seconds for code, seconds, _ in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED)
-    assert rejected[len(rejected) // 2] < 1.0, rejected  # refused at once, not after queueing
+    # refused without waiting for capacity: every rejection lands long before the deadline a queued call would
+    # run into (a wall-clock bound only, loose enough for a loaded 2-core machine; timings belong to RELIABILITY.md)
+    assert rejected[-1] < DEADLINE_S / 3, rejected
     median_ms, max_ms = 1000 * rejected[len(rejected) // 2], 1000 * rejected[-1]
     print(f"\nburst of {BURST} against 1 running + 1 queued: {({c.name: n for c, n in codes.items()})}, "
           f"rejections answered in median {median_ms:.0f} ms, max {max_ms:.0f} ms")
