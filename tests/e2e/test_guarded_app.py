@@ -23,11 +23,11 @@ from serving.generated.seqrank.v1 import ranking_pb2 as pb
 from serving.generated.seqrank.v1 import ranking_pb2_grpc
 from serving.history import Event
 from serving.retry import NO_RETRY, RetryPolicy
+from tests.e2e.conftest import DEPLOY_TIMEOUT_S
 
 GUARDED = "seqrank-guarded"
 OLD_TOKEN, NEW_TOKEN = "e2e-old-token-5b0c9f2e41d7a863", "e2e-new-token-0e6f3a9d27c4b158"
 REJECTED_TOKEN = "e2e-rejected-token-91a4c07f3e5d2b68"  # must never show up in a log or a message
-DEPLOY_TIMEOUT_S = 240.0
 BURST = 40  # concurrent Rank calls against 1 running + 1 queued
 DEADLINE_S = 30.0
 
