@@ -141,9 +141,12 @@ def test_killed_encoder_replica_is_replaced_under_load(encoder_pool, service, ma
     print(summary(f"encoder SIGKILL x{kill} (last replaced after {replaced_at - killed_at:.1f} s), "
                   f"{ENCODER_LOAD_WORKERS} clients, retries={retry.max_attempts > 1}", outcomes))
     failures = load.failures()
-    # Requests in the dying replica's batch fail as retryable UNAVAILABLE naming the cause; none hang or turn
-    # INTERNAL, and a retrying client sees no failure at all.
-    assert all(f.code == "UNAVAILABLE" and f.details.startswith("model_replica: ") for f in failures), failures[:3]
+    # Requests in the dying replica's batch fail as retryable UNAVAILABLE naming the cause; on a loaded machine a call
+    # queued behind a replacement slower than the proxy's request timeout ends DEADLINE_EXCEEDED (bounded, also
+    # retryable). None hang or turn INTERNAL, and a retrying client sees no failure at all.
+    retryable = [(f.code == "UNAVAILABLE" and f.details.startswith("model_replica: ")) or f.code == "DEADLINE_EXCEEDED"
+                 for f in failures]
+    assert all(retryable), failures[:3]
     if retry is CLIENT_RETRIES:
         assert failures == []
     responses = [outcome.response for outcome in outcomes if outcome.code == OK]
