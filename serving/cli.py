@@ -448,15 +448,20 @@ def add_bench_commands(sub) -> None:
     encoder.set_defaults(func=cmd_bench_encoder)
 
 
+def write_json_report(path: str | None, payload) -> None:
+    """The bench commands' --json FILE: the printed table's numbers, machine-readable."""
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2))
+        print(f"wrote {path}")
+
+
 def cmd_bench_serve(args) -> int:
     from serving.deploy import read_serve_config
     from serving.loadgen import bench_serve, format_report
 
     report = bench_serve(read_serve_config(args.config), args.artifact, args.concurrency, args.seconds)
     print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json_report(args.json, report)
     return 0
 
 
@@ -471,9 +476,7 @@ def cmd_bench_train(args) -> int:
         raise ValueError("--no-synthetic needs --data")
     rows = [bench_train(config, args.epochs, label) for label, config in runs]
     print(format_train_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-        print(f"wrote {args.json}")
+    write_json_report(args.json, rows)
     return 0
 
 
@@ -498,8 +501,7 @@ def cmd_bench_encoder(args) -> int:
                   "matmul_peak_tflops": [{"device": d, "dtype": t, "tflops": v} for (d, t), v in peaks.items()],
                   "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        write_json_report(args.json, report)
     return 0
 
 
@@ -522,9 +524,7 @@ def cmd_bench_mmr(args) -> int:
 
     report = bench_mmr(args.candidates, args.k, args.dim, args.diversity, args.repeats)
     print(format_mmr(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json_report(args.json, report)
     return 0
 
 
