@@ -20,11 +20,14 @@ def full_softmax_loss(
 
     excluded (N, X): item indices removed from each row's softmax (0 = nothing), e.g. items already seen.
     """
-    logits = user_vectors @ item_vectors.T  # (N, I+1)
+    # fp32 logits even under bf16 autocast: a bf16 logit carries ~3 significant digits, too coarse for a softmax
+    # over the whole catalogue, and at (N, D) x (D, I) this product is a small part of the step
+    with torch.autocast(user_vectors.device.type, enabled=False):
+        logits = user_vectors.float() @ item_vectors.float().T  # (N, I+1)
     if excluded is not None:
         logits = logits.scatter(1, excluded, float("-inf"))
     logits[:, 0] = float("-inf")
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits, targets)
 
 
 def sampled_softmax_loss(
