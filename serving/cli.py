@@ -377,13 +377,11 @@ def format_response(response) -> str:
 
 
 def add_bench_commands(sub) -> None:
-    from serving.config import SERVE_CONFIG_PATH
-
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     serve = bench.add_parser("serve", help="closed-loop gRPC load on a local Ray + Serve: Rank against an echo "
                                            "app behind the same proxy (the floor)")
     serve.add_argument("--artifact", default=None, help="artifact directory (default: train a tiny model)")
-    serve.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML (default: %(default)s)")
+    serve.add_argument("--config", default=None, help="Serve config YAML (default: serving/serve_config.yaml)")
     serve.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="default: %(default)s")
     serve.add_argument("--seconds", type=float, default=10.0, help="per target and concurrency")
     serve.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
@@ -436,7 +434,11 @@ def add_bench_commands(sub) -> None:
     encoder.add_argument("--models", nargs="+", default=["default", "large"], choices=["default", "large"])
     encoder.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
                          help="default: cpu, and cuda when torch sees a GPU")
-    encoder.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    encoder.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "bf16w"],
+                         help="fp32; bf16 autocast over fp32 weights; bf16w: weights cast to bf16, no autocast")
+    encoder.add_argument("--compile", default="", choices=["", "default", "reduce-overhead",
+                                                           "max-autotune-no-cudagraphs"],
+                         help="torch.compile mode for the encoder's forward (default: eager)")
     encoder.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     encoder.add_argument("--seconds", type=float, default=2.0, help="timed seconds per cell (at least 3 calls)")
     encoder.add_argument("--max-call-seconds", type=float, default=5.0,
@@ -456,10 +458,12 @@ def write_json_report(path: str | None, payload) -> None:
 
 
 def cmd_bench_serve(args) -> int:
+    from serving.config import SERVE_CONFIG_PATH
     from serving.deploy import read_serve_config
     from serving.loadgen import bench_serve, format_report
 
-    report = bench_serve(read_serve_config(args.config), args.artifact, args.concurrency, args.seconds)
+    config = read_serve_config(args.config or SERVE_CONFIG_PATH)
+    report = bench_serve(config, args.artifact, args.concurrency, args.seconds)
     print(format_report(report))
     write_json_report(args.json, report)
     return 0
@@ -485,16 +489,17 @@ def cmd_bench_encoder(args) -> int:
 
     import torch
 
-    from training.bench import bench_encoder, format_encoder_table, matmul_peak
+    from training.bench import DTYPES, bench_encoder, format_encoder_table, matmul_peak
 
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
         raise ValueError("--devices cuda: torch.cuda.is_available() is False")
-    peaks = {(d, t): matmul_peak(d, t) for d in devices for t in args.dtypes} if args.matmul_peak else {}
+    matmul_dtypes = {DTYPES[t]: t for t in reversed(args.dtypes)}.values()  # bf16w's matmuls are bf16's (first name kept)
+    peaks = {(d, t): matmul_peak(d, t) for d in devices for t in matmul_dtypes} if args.matmul_peak else {}
     rows = bench_encoder(args.models, devices, args.dtypes, args.batch_sizes, args.seconds, args.max_call_seconds,
-                         peaks)
+                         peaks, compile_mode=args.compile)
     print(format_encoder_table(rows, peaks))
     if args.json:
         report = {"rows": [asdict(r) for r in rows],
@@ -533,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_commands(sub)
-    add_serving_commands(sub)
+    try:
+        add_serving_commands(sub)
+    except ImportError as missing:  # a training-only environment (a GPU box without the gRPC/Ray stack)
+        parser.epilog = f"serve, rank, client and loadgen commands unavailable: {missing}"
     add_bench_commands(sub)
     return parser
 

@@ -30,7 +30,12 @@ ENCODER_PRESETS = {  # the default config's model, and a large one for GPU sizin
 }
 BENCH_NUM_ITEMS = 10_000  # the item table does not enter encode_histories' cost beyond one lookup per position
 BENCH_NUM_BEHAVIORS = 4
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "bf16w": torch.bfloat16}  # the matmul dtype of each precision
+# How the encoder runs per precision: (autocast dtype, dtype its weights are cast to). bf16 autocast keeps fp32
+# weights and runs layer norms and residual sums in fp32 (training's mode and serving's default); bf16w casts the
+# weights, so every activation is bf16: half the bytes through the memory-bound elementwise ops.
+PRECISIONS = {"fp32": (None, None), "bf16": (torch.bfloat16, None), "bf16w": (None, torch.bfloat16)}
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune-no-cudagraphs")  # "" = eager
 MATMUL_SIZE = {"cuda": 8192, "cpu": 2048}
 
 
@@ -46,6 +51,7 @@ class EncoderTiming:
     achieved_tflops: float | None
     percent_of_matmul_peak: float | None  # None without a --matmul-peak measurement on the same device and dtype
     skipped: str = ""  # why the cell was not run (its estimated time exceeded the budget)
+    compile_mode: str = ""  # torch.compile mode of the encoder's forward; "" = eager
 
 
 def encoder_flops_per_sequence(config: EncoderConfig, length: int) -> float:
@@ -84,8 +90,9 @@ def matmul_peak(device: str, dtype: str, seconds: float = 2.0) -> float:
     return 2.0 * n**3 * calls / (time.perf_counter() - started) / 1e12
 
 
-def _time_call(call, seconds: float) -> list[float]:
-    call()  # warm-up
+def _time_call(call, seconds: float, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):  # cuBLAS heuristics; compilation and CUDA-graph capture when compiled
+        call()
     durations = []
     started = time.perf_counter()
     while len(durations) < 3 or time.perf_counter() - started < seconds:
@@ -97,12 +104,13 @@ def _time_call(call, seconds: float) -> list[float]:
 
 def bench_encoder(models: list[str], devices: list[str], dtypes: list[str], batch_sizes: list[int],
                   seconds: float = 2.0, max_call_seconds: float = 5.0, peaks: dict | None = None,
-                  seed: int = 0) -> list[EncoderTiming]:
+                  seed: int = 0, compile_mode: str = "") -> list[EncoderTiming]:
     """Latency and throughput of encode_histories over full-length histories, per model × device × dtype × batch.
 
     A cell whose estimated single-call time (from the previous batch size) exceeds `max_call_seconds` is reported
     as skipped rather than run, which keeps the large model bounded on a CPU.
-    peaks: {(device, dtype): TFLOP/s} from `matmul_peak`, for the percentage column.
+    dtypes: keys of PRECISIONS. peaks: {(device, dtype): TFLOP/s} from `matmul_peak`, for the percentage column.
+    compile_mode: torch.compile the forward (one graph per batch shape; compile time stays out of the timings).
     """
     rng = np.random.default_rng(seed)
     rows: list[EncoderTiming] = []
@@ -111,15 +119,18 @@ def bench_encoder(models: list[str], devices: list[str], dtypes: list[str], batc
                                attention_dropout=0.0, **ENCODER_PRESETS[name])
         flops = encoder_flops_per_sequence(config, config.max_len)
         for device in devices:
-            torch.manual_seed(seed)
-            model = SequenceEncoder(config).to(device).eval()
             for dtype in dtypes:
+                torch.manual_seed(seed)
+                autocast_dtype, weight_dtype = PRECISIONS[dtype]
+                model = SequenceEncoder(config).to(device=device, dtype=weight_dtype).eval()
+                if compile_mode:
+                    model.user_vectors = torch.compile(model.user_vectors, mode=compile_mode, dynamic=False)
                 per_sequence_s = 0.0
                 for batch_size in sorted(batch_sizes):
                     histories = list(rng.integers(1, BENCH_NUM_ITEMS + 1, (batch_size, config.max_len)))
                     behaviors = list(rng.integers(1, BENCH_NUM_BEHAVIORS + 1, (batch_size, config.max_len)))
                     base = dict(model=name, device=device, dtype=dtype, batch_size=batch_size,
-                                gflop_per_sequence=flops / 1e9)
+                                gflop_per_sequence=flops / 1e9, compile_mode=compile_mode)
                     estimate = per_sequence_s * batch_size
                     if estimate > max_call_seconds:
                         rows.append(EncoderTiming(**base, latency_ms=None, sequences_per_s=None,
@@ -127,11 +138,13 @@ def bench_encoder(models: list[str], devices: list[str], dtypes: list[str], batc
                                                   skipped=f"est. {estimate:.0f} s per call"))
                         continue
                     durations = _time_call(
-                        lambda: encode_histories(model, histories, behaviors, device, DTYPES[dtype]), seconds)
+                        lambda: encode_histories(model, histories, behaviors, device, autocast_dtype), seconds,
+                        warmup=3 if compile_mode else 1)
                     latency = statistics.median(durations)
                     per_sequence_s = latency / batch_size
                     achieved = flops * batch_size / latency / 1e12
-                    peak = (peaks or {}).get((device, dtype))
+                    peak = next((v for (d, t), v in (peaks or {}).items() if d == device and DTYPES[t] == DTYPES[dtype]),
+                                None)  # bf16 and bf16w share the bf16 matmul rate
                     rows.append(EncoderTiming(**base, latency_ms=latency * 1e3, sequences_per_s=batch_size / latency,
                                               achieved_tflops=achieved,
                                               percent_of_matmul_peak=100 * achieved / peak if peak else None))
@@ -142,10 +155,10 @@ def format_encoder_table(rows: list[EncoderTiming], peaks: dict | None = None) -
     lines = []
     for (device, dtype), tflops in sorted((peaks or {}).items()):
         lines.append(f"matmul peak {device} {dtype}: {tflops:.3f} TFLOP/s (square {MATMUL_SIZE[torch.device(device).type]})")
-    lines.append(f"{'model':<8} {'device':<6} {'dtype':<5} {'batch':>6} {'ms/batch':>10} {'seq/s':>10} "
+    lines.append(f"{'model':<8} {'device':<6} {'dtype':<5} {'compile':<8} {'batch':>6} {'ms/batch':>10} {'seq/s':>10} "
                  f"{'GFLOP/seq':>10} {'TFLOP/s':>8} {'% peak':>7}")
     for r in rows:
-        head = f"{r.model:<8} {r.device:<6} {r.dtype:<5} {r.batch_size:>6} "
+        head = f"{r.model:<8} {r.device:<6} {r.dtype:<5} {(r.compile_mode or 'eager')[:8]:<8} {r.batch_size:>6} "
         if r.skipped:
             lines.append(head + f"{'skipped: ' + r.skipped:>37}")
             continue

@@ -59,3 +59,16 @@ def test_bench_encoder_times_each_cell_and_skips_what_exceeds_the_budget(tmp_pat
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["skipped"] == "" and rows[1]["skipped"].startswith("est.") and rows[1]["latency_ms"] is None
     assert np.isfinite(rows[0]["latency_ms"])
+
+
+def test_bench_encoder_bf16_weights_share_the_bf16_matmul_peak(tmp_path):
+    out = tmp_path / "encoder.json"
+    assert main(["bench", "encoder", "--models", "default", "--devices", "cpu", "--dtypes", "bf16", "bf16w",
+                 "--batch-sizes", "2", "--seconds", "0.05", "--threads", "1", "--matmul-peak", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [p["dtype"] for p in report["matmul_peak_tflops"]] == ["bf16"]  # one bf16 measurement serves both
+    rows = {r["dtype"]: r for r in report["rows"]}
+    assert set(rows) == {"bf16", "bf16w"} and all(r["compile_mode"] == "" for r in rows.values())
+    peak = report["matmul_peak_tflops"][0]["tflops"]
+    for r in rows.values():
+        assert r["percent_of_matmul_peak"] == pytest.approx(100 * r["achieved_tflops"] / peak)
