@@ -6,7 +6,8 @@ ingress batch; `@serve.batch` merges calls that arrive together), or in the ingr
 
 The model and the history -> vector step come from training/model.py (`load_encoder`, `encode_histories`),
 so padding and truncation to the model's max_len are the trained ones. A replica given a GPU (`num_gpus` in
-the Serve config) runs on it under bf16 autocast; otherwise on CPU with as many torch threads as it has CPUs.
+the Serve config) runs on it, with bf16 weights for a wide model (`encoder.gpu_precision`); otherwise on CPU in
+fp32 with as many torch threads as it has CPUs.
 """
 
 from __future__ import annotations
@@ -33,17 +34,27 @@ from training.model import SequenceEncoder, encode_histories, load_encoder
 logger = logging.getLogger(f"ray.serve.{__name__}")
 
 
+BF16_MIN_WIDTH = 256  # gpu_precision auto: narrower models are launch-bound on a GPU, where bf16 only adds casts
+
+
 @dataclass(frozen=True)
 class Placement:
     device: str  # "cuda" | "cpu"
-    dtype: torch.dtype | None  # autocast dtype; None = float32
+    gpu_precision: str  # EncoderArgs.gpu_precision on a GPU; "fp32" on a CPU
 
 
-def choose_placement(cuda_available: bool, assigned_gpus: int) -> Placement:
-    """GPU with bf16 autocast only when the replica was given a GPU and torch can see one."""
+def choose_placement(cuda_available: bool, assigned_gpus: int, gpu_precision: str = "auto") -> Placement:
+    """The GPU only when the replica was given one and torch can see one."""
     if cuda_available and assigned_gpus > 0:
-        return Placement("cuda", torch.bfloat16)
-    return Placement("cpu", None)
+        return Placement("cuda", gpu_precision)
+    return Placement("cpu", "fp32")
+
+
+def weight_dtype(placement: Placement, hidden_size: int) -> torch.dtype | None:
+    """bf16 for a model's weights (and so every activation) where the placement asks for it; None = fp32."""
+    if placement.gpu_precision == "bf16" or (placement.gpu_precision == "auto" and hidden_size >= BF16_MIN_WIDTH):
+        return torch.bfloat16
+    return None
 
 
 def torch_threads(assigned_cpus: float) -> int:
@@ -75,17 +86,20 @@ class EncoderStage:
     threads follow the replica's CPUs, and a replica given a GPU uses it.
     """
 
-    def __init__(self, metrics: ServingMetrics, owner: str = "encoder") -> None:
+    def __init__(self, metrics: ServingMetrics, owner: str = "encoder", gpu_precision: str = "auto") -> None:
         resources = ray.get_runtime_context().get_assigned_resources()
         torch.set_num_threads(torch_threads(resources.get("CPU", 1.0)))
-        self._placement = choose_placement(torch.cuda.is_available(), len(ray.get_gpu_ids()))
-        logger.info("%s on %s (autocast %s), %d torch threads",
-                    owner, self._placement.device, self._placement.dtype, torch.get_num_threads())
+        self._placement = choose_placement(torch.cuda.is_available(), len(ray.get_gpu_ids()), gpu_precision)
+        logger.info("%s on %s (precision %s), %d torch threads",
+                    owner, self._placement.device, self._placement.gpu_precision, torch.get_num_threads())
         self._metrics = metrics
         self.models: ModelSlot[LoadedEncoder] = ModelSlot(owner, self._load, metrics.observe_reload)
 
     def _load(self, artifact: Artifact) -> LoadedEncoder:
         model = load_encoder(artifact.encoder_config, artifact.encoder_weights_path, self._placement.device)
+        dtype = weight_dtype(self._placement, model.config.hidden_size)
+        if dtype is not None:
+            model = model.to(dtype)
         return LoadedEncoder(catalogue=Catalogue.from_artifact(artifact), model=model)
 
     def prepare(self, request: EncodeRequest) -> _Prepared:
@@ -115,8 +129,7 @@ class EncoderStage:
                 [batch[p].items for p in positions],
                 [batch[p].behaviors for p in positions],
                 self._placement.device,
-                self._placement.dtype,
-            )  # (b, D) float32
+            )  # (b, D) float32, whatever the weights' dtype
             for row, position in enumerate(positions):
                 vectors[position] = user_vectors[row]
         return vectors
@@ -133,7 +146,7 @@ class Encoder:
     `@serve.batch` merges the calls (each an ingress batch) that arrive together."""
 
     def __init__(self, args: EncoderArgs) -> None:
-        self._stage = EncoderStage(ServingMetrics())
+        self._stage = EncoderStage(ServingMetrics(), gpu_precision=args.gpu_precision)
         self._encode_batch.set_max_batch_size(args.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 

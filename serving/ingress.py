@@ -234,7 +234,7 @@ class RankingIngress:
             # Imported here, at replica start, so that an ingress with an Encoder deployment never loads torch.
             from serving.encoder import EncoderStage
 
-            self._local_encoder = EncoderStage(self._metrics, "ingress encoder")
+            self._local_encoder = EncoderStage(self._metrics, "ingress encoder", encoder_args.gpu_precision)
             self._encoder: EncoderStage | RemoteEncoder = self._local_encoder
         else:
             self._encoder = RemoteEncoder(encoder)
