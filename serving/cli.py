@@ -29,6 +29,8 @@ def add_train_commands(sub) -> None:
     evaluate.add_argument("--baseline", default="model", choices=["model", "popular"])
     evaluate.add_argument("--with", dest="with_runs", nargs="+", default=[], metavar="RUN",
                           help="more runs on the same data: their scores are added (what model.towers trains in one run)")
+    evaluate.add_argument("--no-transitions", action="store_true",
+                          help="leave out the item-to-item prior the run chose (the encoder alone)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -92,7 +94,7 @@ def load_run_data(run_dir: Path, data=None):
 def cmd_evaluate(args) -> int:
     from training.evaluate import evaluate_model, evaluate_popularity
     from training.model import EncoderEnsemble, load_encoder_dir
-    from training.train import final_evaluation_users
+    from training.train import final_evaluation_users, load_run_transitions
 
     run_dir = Path(args.run)
     config, data = load_run_data(run_dir)
@@ -105,7 +107,9 @@ def cmd_evaluate(args) -> int:
             for other in args.with_runs:
                 load_run_data(Path(other), data)
             model = EncoderEnsemble.of([model] + [load_encoder_dir(other) for other in args.with_runs])
-        report = evaluate_model(model, data, args.split, config.eval.ks, config.eval.batch_size, users=users)
+        prior = None if args.no_transitions else load_run_transitions(run_dir)
+        report = evaluate_model(model, data, args.split, config.eval.ks, config.eval.batch_size, users=users,
+                                prior=prior)
     if args.json:
         print(json.dumps(report))
     else:

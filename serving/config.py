@@ -57,6 +57,9 @@ class RetrievalArgs(Section):
     # one hop fewer (measured on 2 cores: Rank p50 -30 %, throughput +10 %), the index then in every ingress replica.
     placement: Literal["ingress", "deployment"] = OWN_DEPLOYMENT
     ef: int | None = Field(None, ge=1)  # hnswlib query beam; None = the artifact's ef_search (manifest)
+    # With an artifact that has an item-to-item transition prior (training/transitions.py): how many of the newest
+    # history item's most frequent successors join the index's candidates before the prior re-scores them all.
+    transition_candidates: int = Field(50, ge=0)
     max_batch_size: int = Field(64, ge=1)  # own deployment only; >= ingress.max_batch_size
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
     # Sharding (serving/shards.py), own deployment only: > 1 splits the index over that many RetrievalShard<s>

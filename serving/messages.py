@@ -45,7 +45,7 @@ class CandidateSet:
 
     model_version: str
     item_ids: np.ndarray  # (C,) object raw ids
-    relevance: np.ndarray  # (C,) float64 inner products
+    relevance: np.ndarray  # (C,) float64 model scores: inner products, plus the transition prior's term if any
     item_vectors: np.ndarray  # (C, D) float32
     history: History  # events whose items the version knows
     history_vectors: np.ndarray  # (H, D) float32, row h = item vector of history event h
@@ -62,7 +62,7 @@ class RerankRequest:
 class RankedItem:
     item_id: str
     score: float  # MMR score at pick time
-    relevance: float  # inner product of user and item vectors
+    relevance: float  # model score: inner product of user and item vectors (+ the transition prior's term)
     because_item_id: str  # most similar history item; "" for the fallback list
     explanation: str
 

@@ -26,6 +26,7 @@ from serving.reload import ModelSlot
 from serving.rerank import rerank
 from serving.shards import RemoteShards
 from training.artifact import Artifact, ItemIndex
+from training.transitions import TransitionPrior
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,23 @@ def filter_candidates(
     return Candidates(item_indices=labels[keep], scores=scores[keep])
 
 
+def add_transition_prior(labels: np.ndarray, scores: np.ndarray, user_vector: np.ndarray, newest_item: int,
+                         prior: TransitionPrior, item_vectors: np.ndarray, extra: int) -> tuple[np.ndarray, np.ndarray]:
+    """The index's (labels, inner products) with the prior's term after `newest_item` added, re-sorted best first.
+
+    Up to `extra` of the newest item's most frequent successors join the candidates (scored exactly) even where
+    the index did not return them, so a strong transition is not lost to the index's top list. The scores are
+    then what offline evaluation ranks by: inner product + weight * log(1 + count).
+    """
+    successors, _ = prior.successors_of(newest_item, extra)
+    missing = successors[~np.isin(successors, labels)]
+    labels = np.concatenate([np.asarray(labels, dtype=np.int64), missing])
+    scores = np.concatenate([scores, item_vectors[missing] @ user_vector.astype(np.float64)])
+    scores = scores + prior.boost(newest_item, labels)
+    order = np.argsort(-scores, kind="stable")
+    return labels[order], scores[order]
+
+
 def popular_candidates(catalogue: Catalogue, excluded: np.ndarray, k: int) -> Candidates:
     """The cold-start list: the k most trained-on items that are not excluded; scores are event counts."""
     fetched = catalogue.popular_items[: fetch_size(k, len(excluded), catalogue.num_items)]
@@ -100,6 +118,7 @@ class LoadedIndex:
     catalogue: Catalogue
     index: ItemIndex | None  # hnswlib over items 1..I, read-only once built; None when shards hold it
     item_vectors: np.ndarray  # (I+1, D) float32
+    transitions: TransitionPrior | None = None  # the artifact's item-to-item prior, when it has one
 
     @property
     def model_version(self) -> str:
@@ -111,7 +130,8 @@ class LoadedIndex:
         if not sharded:
             index = artifact.load_index(ef)
             index.set_num_threads(1)  # one query row per request: batch rows are cheap, threads would contend
-        return cls(catalogue=Catalogue.from_artifact(artifact), index=index, item_vectors=artifact.item_vectors)
+        return cls(catalogue=Catalogue.from_artifact(artifact), index=index, item_vectors=artifact.item_vectors,
+                   transitions=artifact.transitions)
 
 
 @dataclass(frozen=True)
@@ -138,6 +158,7 @@ class RetrievalStage:
                  shards: RemoteShards | None = None) -> None:
         self._metrics = metrics
         self._shards = shards  # None: this replica holds the whole index
+        self._transition_candidates = args.transition_candidates
         self.models: ModelSlot[LoadedIndex] = ModelSlot(
             owner, lambda artifact: LoadedIndex.from_artifact(artifact, args.ef, sharded=shards is not None),
             metrics.observe_reload,
@@ -177,6 +198,9 @@ class RetrievalStage:
 
     def candidates(self, search: _Search, labels: np.ndarray, scores: np.ndarray) -> CandidateSet:
         loaded = search.loaded
+        if loaded.transitions is not None and len(search.history_items):
+            labels, scores = add_transition_prior(labels, scores, search.user_vector, int(search.history_items[-1]),
+                                                  loaded.transitions, loaded.item_vectors, self._transition_candidates)
         candidates = filter_candidates(labels, scores, search.excluded, search.num_candidates)
         self._metrics.observe_retrieval(len(candidates.item_indices), int(np.isin(labels, search.excluded).sum()))
         return CandidateSet(

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from training.transitions import FILES as TRANSITION_FILES
+from training.transitions import TransitionPrior, load_transitions
+
 PAD_INDEX = 0  # internal item index 0 is padding everywhere; real items are 1..num_items
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -107,6 +110,7 @@ class Artifact:
     item_index_of: dict[str, int] = field(repr=False)
     item_attributes: np.ndarray | None  # (num_items + 1, A_max) int32 or None
     item_popularity: np.ndarray  # (num_items + 1,) float32 training event counts: the cold-start fallback
+    transitions: TransitionPrior | None = None  # the item-to-item prior at its chosen weight; None = none
 
     @property
     def model_version(self) -> str:
@@ -189,6 +193,7 @@ def write_artifact(
     item_popularity: np.ndarray,
     index_params: IndexParams,
     manifest_fields: dict,
+    transitions: TransitionPrior | None = None,
 ) -> Path:
     """Write every file into a temporary sibling directory, checksum them, then rename into place.
 
@@ -209,6 +214,12 @@ def write_artifact(
         build_hnsw_index(item_vectors, index_params, num_threads=os.cpu_count() or 1).save_index(
             str(staging / INDEX_FILE)
         )
+        if transitions is not None and transitions.weight > 0:
+            if transitions.num_items != len(item_ids) - 1:
+                raise ArtifactError(f"transitions: {transitions.num_items} items, the catalogue has {len(item_ids) - 1}")
+            transitions.save(staging)
+            manifest_fields = {**manifest_fields, "transitions": {"weight": transitions.weight,
+                                                                   "pairs": int(len(transitions.successors))}}
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -269,6 +280,18 @@ def load_artifact(path: str | Path) -> Artifact:
     attributes = None
     if ITEM_ATTRIBUTES_FILE in files:
         attributes = load_array(path / ITEM_ATTRIBUTES_FILE)
+    transitions = None
+    if "transitions" in manifest:
+        for name in TRANSITION_FILES:
+            if name not in files:
+                raise ArtifactError(f"{path / name}: not listed in the manifest; incomplete artifact")
+        try:
+            transitions = load_transitions(path, manifest["transitions"]["weight"], load_array)
+        except ValueError as exc:
+            raise ArtifactError(str(exc)) from None
+        if transitions.num_items != manifest["num_items"]:
+            raise ArtifactError(f"{path}: the transition prior covers {transitions.num_items} items, "
+                                f"the manifest {manifest['num_items']}")
     return Artifact(
         path=path,
         manifest=manifest,
@@ -277,4 +300,5 @@ def load_artifact(path: str | Path) -> Artifact:
         item_index_of={raw: index for index, raw in enumerate(item_ids) if index != PAD_INDEX},
         item_attributes=attributes,
         item_popularity=load_array(path / ITEM_POPULARITY_FILE),
+        transitions=transitions,
     )

@@ -93,12 +93,20 @@ class DistributedConfig:
 
 
 @dataclass
+class TransitionConfig:
+    # Weights of the item-to-item transition prior (training/transitions.py) to try after training: the one with
+    # the best validation NDCG@10 is kept with the run and exported; [0.0] = no prior.
+    weights: list[float] = field(default_factory=lambda: [0.0])
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    transitions: TransitionConfig = field(default_factory=TransitionConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -227,6 +235,8 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError("model.frequency_mix: the low-pass path is causal; backbone bert cannot take it")
     if config.data.kcore < 0:
         raise ConfigError(f"data.kcore: must be >= 0, got {config.data.kcore}")
+    if not config.transitions.weights or any(w < 0 for w in config.transitions.weights):
+        raise ConfigError(f"transitions.weights: must be a non-empty list of weights >= 0, got {config.transitions.weights}")
     if not config.eval.ks or any(k <= 0 for k in config.eval.ks):
         raise ConfigError(f"eval.ks: must be positive integers, got {config.eval.ks}")
     if config.optim.sparse_item_embeddings and config.distributed.backend == "ray":

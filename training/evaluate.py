@@ -15,6 +15,7 @@ from training.batches import EvalBatch, eval_batches, gather_padded
 from training.data import SequenceData, history_bounds
 from training.metrics import ranking_report
 from training.model import SequenceEncoder, encode_histories
+from training.transitions import TransitionPrior
 
 
 def mask_seen(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:
@@ -49,13 +50,18 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     users: np.ndarray | None = None,
     dtype: torch.dtype | None = None,
+    prior: TransitionPrior | None = None,
 ) -> dict[str, float]:
+    """Full-ranking report of `model` on `split`; `prior` adds its item-to-item term after each newest item."""
     model.eval()
     item_vectors = model.output_item_vectors()[: data.num_items + 1].float()
     all_ranks, all_top = [], []
     for batch in eval_batches(data, split, batch_size, users):
         user_vectors = torch.from_numpy(encode_histories(model, batch.histories, batch.behaviors, device, dtype))
         scores = user_vectors.to(item_vectors.device) @ item_vectors.T
+        if prior is not None and prior.weight:
+            newest = np.array([history[-1] for history in batch.histories])
+            scores += torch.from_numpy(prior.dense_rows(newest)).to(scores.device)
         ranks, top = rank_batch(scores, batch, max(ks))
         all_ranks.append(ranks)
         all_top.append(top)

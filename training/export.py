@@ -14,6 +14,7 @@ import torch
 
 from training.artifact import PAD_INDEX, IndexParams, new_model_version, write_artifact
 from training.model import WEIGHTS_FILE, load_encoder_dir
+from training.train import load_run_transitions
 
 
 @torch.no_grad()
@@ -45,6 +46,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, index_params: IndexPara
             "encoder_config": json.loads((run_dir / "encoder_config.json").read_text()),
             "behavior_names": data_info["behavior_names"],
         },
+        transitions=load_run_transitions(run_dir),
     )
 
 

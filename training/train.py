@@ -38,9 +38,11 @@ from training.data import SequenceData, history_bounds, load_sequences
 from training.evaluate import evaluate_model, item_popularity
 from training.losses import bce_loss, full_softmax_loss, sampled_softmax_loss
 from training.model import EncoderConfig, EncoderEnsemble, SequenceEncoder, build_encoder, load_encoder_dir, save_encoder
+from training.transitions import TransitionPrior, count_transitions, load_transitions
 
 log = logging.getLogger(__name__)
 SELECTION_METRIC = "NDCG@10"
+TRANSITIONS_RUN_FILE = "transitions.json"  # the chosen prior weight and the validation score of each one tried
 
 
 def resolve_device(name: str) -> torch.device:
@@ -361,14 +363,42 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
 
     best = load_encoder_dir(run_dir, device)
     final_users = final_evaluation_users(data, config)
-    valid = evaluate_model(best, data, "valid", config.eval.ks, config.eval.batch_size, device, final_users, amp_dtype)
-    test = evaluate_model(best, data, "test", config.eval.ks, config.eval.batch_size, device, final_users, amp_dtype)
+    evaluate = lambda split, prior=None: evaluate_model(  # noqa: E731
+        best, data, split, config.eval.ks, config.eval.batch_size, device, final_users, amp_dtype, prior)
+    prior = choose_transition_weight(count_transitions(data), config.transitions.weights, evaluate, run_dir) \
+        if config.transitions.weights != [0.0] else None
+    valid, test = evaluate("valid", prior), evaluate("test", prior)
     summary = {"best_epoch": best_epoch, "epochs_run": len(history), "seconds": time.perf_counter() - started,
                "seconds_to_best": history[best_epoch - 1]["elapsed_seconds"], "device": str(device),
-               "workers": 1 if shard is None else shard.world_size}
+               "workers": 1 if shard is None else shard.world_size,
+               "transition_weight": prior.weight if prior is not None else 0.0}
     (run_dir / "valid_metrics.json").write_text(json.dumps(valid, indent=2))
     (run_dir / "test_metrics.json").write_text(json.dumps({**test, **summary}, indent=2))
     return {**test, **summary}
+
+
+def choose_transition_weight(prior: TransitionPrior, weights: list[float], evaluate, run_dir: Path) -> TransitionPrior:
+    """The prior at the weight with the best validation NDCG@10 (ties: the smaller weight), saved with the run.
+
+    evaluate(split, prior) -> report. The weight is a hyperparameter like the best epoch: chosen on validation,
+    so the test split stays unseen.
+    """
+    scores = {w: evaluate("valid", prior.with_weight(w))[SELECTION_METRIC] for w in sorted(set(weights))}
+    weight = max(scores, key=lambda w: (scores[w], -w))
+    prior = prior.with_weight(weight)
+    prior.save(run_dir)
+    (run_dir / TRANSITIONS_RUN_FILE).write_text(json.dumps(
+        {"weight": weight, f"valid {SELECTION_METRIC} by weight": {str(w): v for w, v in scores.items()}}, indent=2))
+    return prior
+
+
+def load_run_transitions(run_dir: str | Path) -> TransitionPrior | None:
+    """The prior a run chose (None when it has none or chose weight 0)."""
+    path = Path(run_dir) / TRANSITIONS_RUN_FILE
+    if not path.exists():
+        return None
+    weight = json.loads(path.read_text())["weight"]
+    return load_transitions(run_dir, weight) if weight else None
 
 
 def final_evaluation_users(data: SequenceData, config: TrainConfig) -> np.ndarray | None:

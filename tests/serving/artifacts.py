@@ -17,7 +17,7 @@ def item_ids() -> list[str]:
     return [""] + [f"sku-{i}" for i in range(1, NUM_ITEMS + 1)]
 
 
-def write_small_artifact(out_dir: Path, *, version: str = "small-v1", seed: int = 0) -> Path:
+def write_small_artifact(out_dir: Path, *, version: str = "small-v1", seed: int = 0, transitions=None) -> Path:
     """12 items in 4 dims; popularity 12, 11, ..., 1 for items 1..12 (item 1 most popular)."""
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(NUM_ITEMS + 1, DIM)).astype(np.float32)
@@ -39,4 +39,5 @@ def write_small_artifact(out_dir: Path, *, version: str = "small-v1", seed: int 
             "encoder_config": {"num_items": NUM_ITEMS, "max_len": 7},
             "behavior_names": BEHAVIORS,
         },
+        transitions=transitions,
     )

@@ -98,3 +98,59 @@ def test_loaded_index_answers_like_exact_search(small_artifact):
     expected = np.take_along_axis(user_vectors @ loaded.item_vectors.T, labels.astype(np.int64), 1)
     np.testing.assert_allclose(ip_scores(distances), expected, rtol=1e-5, atol=1e-5)
     assert loaded.model_version == "small-v1"
+
+
+# The item-to-item transition prior in retrieval: the same scores offline evaluation ranks by.
+
+from serving.catalogue import History  # noqa: E402
+from serving.config import RetrievalArgs  # noqa: E402
+from serving.messages import EncodedUser, RetrievalRequest  # noqa: E402
+from serving.retrieval import RetrievalStage, add_transition_prior  # noqa: E402
+from training.transitions import TransitionPrior  # noqa: E402
+
+
+def small_prior(weight: float) -> TransitionPrior:
+    """Over the 12 items: 5 -> 9 (20 times), 5 -> 2 (3 times), 5 -> 11 (once), 7 -> 5 (4 times); nothing else."""
+    rows = {5: [(9, 20.0), (2, 3.0), (11, 1.0)], 7: [(5, 4.0)]}
+    indptr = np.concatenate([[0], np.cumsum([len(rows.get(i, [])) for i in range(13)])]).astype(np.int64)
+    pairs = [pair for i in range(13) for pair in rows.get(i, [])]
+    return TransitionPrior(indptr, np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.float32), weight)
+
+
+def test_prior_adds_the_newest_items_successors_and_rescores_every_candidate():
+    vectors = np.random.default_rng(0).normal(size=(13, 4)).astype(np.float32)
+    user = np.ones(4, dtype=np.float32)
+    labels = np.array([1, 2, 3])
+    scores = vectors[labels] @ user.astype(np.float64)
+    prior = small_prior(0.5)
+    out_labels, out_scores = add_transition_prior(labels, scores, user, 5, prior, vectors, extra=2)
+    # 9 (not returned by the index) joins with its exact inner product; 11 is beyond the 2 extra successors
+    assert sorted(out_labels) == [1, 2, 3, 9]
+    expected = {i: float(vectors[i] @ user) for i in (1, 2, 3, 9)}
+    expected[9] += 0.5 * np.log1p(20.0)
+    expected[2] += 0.5 * np.log1p(3.0)
+    assert list(out_labels) == sorted(expected, key=expected.get, reverse=True)
+    np.testing.assert_allclose(out_scores, [expected[i] for i in out_labels], rtol=1e-6)
+
+
+def test_stage_with_a_prior_ranks_by_inner_product_plus_prior_after_the_newest_known_item(tmp_path):
+    artifact = load_artifact(write_small_artifact(tmp_path / "v1", transitions=small_prior(1.0)))
+    stage = RetrievalStage(RetrievalArgs(), StubMetrics())
+    stage.models.reload({"artifact_path": str(artifact.path)})
+    user = np.random.default_rng(1).normal(size=4).astype(np.float32)
+    # newest known item: sku-5 ("unknown" is newer but not in the catalogue)
+    history = History(item_ids=("sku-7", "sku-5", "unknown"), behaviors=("pv", "pv", "pv"))
+    request = RetrievalRequest(user=EncodedUser(user, "small-v1"), history=history, exclude_item_ids=("sku-2",),
+                               exclude_seen=True, num_candidates=6, k=6, diversity=0.0)
+    (candidates,) = stage.retrieve([request])
+    scores = artifact.item_vectors.astype(np.float64) @ user + small_prior(1.0).dense_rows(np.array([5]))[0]
+    scores[[0, 2, 5, 7]] = -np.inf  # padding, excluded, seen
+    expected = np.argsort(-scores, kind="stable")[:6]
+    assert list(candidates.item_ids) == [f"sku-{i}" for i in expected]
+    np.testing.assert_allclose(candidates.relevance, scores[expected], rtol=1e-5)
+
+
+class StubMetrics:
+    def observe_batch(self, *args) -> None: ...
+    def observe_retrieval(self, *args) -> None: ...
+    def observe_reload(self, *args) -> None: ...
