@@ -34,6 +34,13 @@ def add_train_commands(sub) -> None:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    prior = sub.add_parser("prior", help="fit a run's item-to-item transition prior afterwards (weight chosen on "
+                                         "validation), as transitions.weights does inside training")
+    prior.add_argument("--run", required=True)
+    prior.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0],
+                       help="weights to try (default: %(default)s)")
+    prior.set_defaults(func=cmd_prior)
+
     export = sub.add_parser("export", help="write the versioned serving artifact of a run")
     export.add_argument("--run", required=True)
     export.add_argument("--out", required=True)
@@ -114,6 +121,24 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(report))
     else:
         print_metrics(report, f"{args.baseline} on {args.split} ({int(report['users'])} users, full ranking, seen items masked)")
+    return 0
+
+
+def cmd_prior(args) -> int:
+    from training.evaluate import evaluate_model
+    from training.model import load_encoder_dir
+    from training.train import TRANSITIONS_RUN_FILE, choose_transition_weight, final_evaluation_users
+    from training.transitions import count_transitions
+
+    run_dir = Path(args.run)
+    config, data = load_run_data(run_dir)
+    model, users = load_encoder_dir(run_dir), final_evaluation_users(data, config)
+    evaluate = lambda split, prior=None: evaluate_model(  # noqa: E731
+        model, data, split, config.eval.ks, config.eval.batch_size, users=users, prior=prior)
+    prior = choose_transition_weight(count_transitions(data), args.weights, evaluate, run_dir)
+    scores = json.loads((run_dir / TRANSITIONS_RUN_FILE).read_text())
+    print(json.dumps(scores))
+    print(f"weight {prior.weight} kept in {run_dir}: `seqrank evaluate` and `seqrank export` use it")
     return 0
 
 

@@ -99,3 +99,19 @@ def test_an_artifact_missing_a_listed_prior_file_is_refused(tmp_path, synthetic_
     (artifact / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=FILES[1]):
         load_artifact(artifact)
+
+
+def test_prior_command_fits_an_existing_run_on_validation(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["evaluate", "--run", str(run), "--json", "--split", "valid"]) == 0
+    encoder_alone = json.loads(capsys.readouterr().out)["NDCG@10"]
+    assert main(["prior", "--run", str(run), "--weights", "0", "1", "3"]) == 0
+    scores = json.loads(capsys.readouterr().out.splitlines()[0])["valid NDCG@10 by weight"]
+    assert scores["0.0"] == pytest.approx(encoder_alone)  # weight 0 is the encoder alone
+    weight = load_run_transitions(run).weight
+    assert scores[str(weight)] == max(scores.values()) > encoder_alone
+    assert main(["evaluate", "--run", str(run), "--json", "--split", "valid"]) == 0
+    assert json.loads(capsys.readouterr().out)["NDCG@10"] == pytest.approx(max(scores.values()))
