@@ -135,7 +135,7 @@ def cmd_prior(args) -> int:
     model, users = load_encoder_dir(run_dir), final_evaluation_users(data, config)
     evaluate = lambda split, prior=None: evaluate_model(  # noqa: E731
         model, data, split, config.eval.ks, config.eval.batch_size, users=users, prior=prior)
-    prior = choose_transition_weight(count_transitions(data), args.weights, evaluate, run_dir)
+    prior, _ = choose_transition_weight(count_transitions(data), args.weights, evaluate, run_dir)
     scores = json.loads((run_dir / TRANSITIONS_RUN_FILE).read_text())
     print(json.dumps(scores))
     print(f"weight {prior.weight} kept in {run_dir}: `seqrank evaluate` and `seqrank export` use it")

@@ -365,9 +365,11 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
     final_users = final_evaluation_users(data, config)
     evaluate = lambda split, prior=None: evaluate_model(  # noqa: E731
         best, data, split, config.eval.ks, config.eval.batch_size, device, final_users, amp_dtype, prior)
-    prior = choose_transition_weight(count_transitions(data), config.transitions.weights, evaluate, run_dir) \
-        if config.transitions.weights != [0.0] else None
-    valid, test = evaluate("valid", prior), evaluate("test", prior)
+    if config.transitions.weights != [0.0]:
+        prior, valid = choose_transition_weight(count_transitions(data), config.transitions.weights, evaluate, run_dir)
+    else:
+        prior, valid = None, evaluate("valid")
+    test = evaluate("test", prior)
     summary = {"best_epoch": best_epoch, "epochs_run": len(history), "seconds": time.perf_counter() - started,
                "seconds_to_best": history[best_epoch - 1]["elapsed_seconds"], "device": str(device),
                "workers": 1 if shard is None else shard.world_size,
@@ -377,19 +379,21 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
     return {**test, **summary}
 
 
-def choose_transition_weight(prior: TransitionPrior, weights: list[float], evaluate, run_dir: Path) -> TransitionPrior:
-    """The prior at the weight with the best validation NDCG@10 (ties: the smaller weight), saved with the run.
+def choose_transition_weight(prior: TransitionPrior, weights: list[float], evaluate,
+                             run_dir: Path) -> tuple[TransitionPrior, dict]:
+    """The prior at the weight with the best validation NDCG@10 (ties: the smaller weight), saved with the run,
+    and that weight's validation report.
 
     evaluate(split, prior) -> report. The weight is a hyperparameter like the best epoch: chosen on validation,
     so the test split stays unseen.
     """
-    scores = {w: evaluate("valid", prior.with_weight(w))[SELECTION_METRIC] for w in sorted(set(weights))}
-    weight = max(scores, key=lambda w: (scores[w], -w))
+    reports = {w: evaluate("valid", prior.with_weight(w)) for w in sorted(set(weights))}
+    weight = max(reports, key=lambda w: (reports[w][SELECTION_METRIC], -w))
     prior = prior.with_weight(weight)
     prior.save(run_dir)
-    (run_dir / TRANSITIONS_RUN_FILE).write_text(json.dumps(
-        {"weight": weight, f"valid {SELECTION_METRIC} by weight": {str(w): v for w, v in scores.items()}}, indent=2))
-    return prior
+    (run_dir / TRANSITIONS_RUN_FILE).write_text(json.dumps({"weight": weight, f"valid {SELECTION_METRIC} by weight": {
+        str(w): report[SELECTION_METRIC] for w, report in reports.items()}}, indent=2))
+    return prior, reports[weight]
 
 
 def load_run_transitions(run_dir: str | Path) -> TransitionPrior | None:
