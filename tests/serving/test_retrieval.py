@@ -106,6 +106,7 @@ from serving.catalogue import History  # noqa: E402
 from serving.config import RetrievalArgs  # noqa: E402
 from serving.messages import EncodedUser, RetrievalRequest  # noqa: E402
 from serving.retrieval import RetrievalStage, add_transition_prior  # noqa: E402
+from tests.serving.stubs import StubMetrics  # noqa: E402
 from training.transitions import TransitionPrior  # noqa: E402
 
 
@@ -148,9 +149,3 @@ def test_stage_with_a_prior_ranks_by_inner_product_plus_prior_after_the_newest_k
     expected = np.argsort(-scores, kind="stable")[:6]
     assert list(candidates.item_ids) == [f"sku-{i}" for i in expected]
     np.testing.assert_allclose(candidates.relevance, scores[expected], rtol=1e-5)
-
-
-class StubMetrics:
-    def observe_batch(self, *args) -> None: ...
-    def observe_retrieval(self, *args) -> None: ...
-    def observe_reload(self, *args) -> None: ...

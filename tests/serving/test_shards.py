@@ -19,6 +19,7 @@ from serving.shards import (
     RemoteShards, ShardedIndex, ShardIndex, estimate_index_bytes, index_file_bytes, merge_top_k, plan_num_shards,
     shard_items,
 )
+from tests.serving.stubs import StubMetrics
 from tests.topology import with_deployment_pools
 from training.artifact import IndexParams, load_artifact, write_artifact
 from training.export import exact_top_k
@@ -113,12 +114,6 @@ def test_shards_answer_exactly_like_one_index(request, artifact_name, num_shards
     np.testing.assert_allclose(distances, one_distances, atol=1e-5)
     np.testing.assert_allclose(1 - distances, np.take_along_axis(users @ artifact.item_vectors.T, labels, 1),
                                rtol=1e-4, atol=1e-4)  # merged scores are inner products, augmented or not
-
-
-class StubMetrics:
-    def observe_batch(self, *args) -> None: ...
-    def observe_retrieval(self, *args) -> None: ...
-    def observe_reload(self, *args) -> None: ...
 
 
 def shard_handle(shard: ShardIndex, seen_versions: list[str]):

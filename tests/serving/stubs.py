@@ -1,0 +1,9 @@
+"""Stand-ins the serving unit tests share."""
+
+
+class StubMetrics:
+    """ServingMetrics' observer methods, doing nothing: a stage under test outside a Serve replica."""
+
+    def observe_batch(self, *args) -> None: ...
+    def observe_retrieval(self, *args) -> None: ...
+    def observe_reload(self, *args) -> None: ...
