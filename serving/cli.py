@@ -125,17 +125,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_prior(args) -> int:
-    from training.evaluate import evaluate_model
     from training.model import load_encoder_dir
-    from training.train import TRANSITIONS_RUN_FILE, choose_transition_weight, final_evaluation_users
-    from training.transitions import count_transitions
+    from training.train import TRANSITIONS_RUN_FILE, fit_transition_prior
 
     run_dir = Path(args.run)
     config, data = load_run_data(run_dir)
-    model, users = load_encoder_dir(run_dir), final_evaluation_users(data, config)
-    evaluate = lambda split, prior=None: evaluate_model(  # noqa: E731
-        model, data, split, config.eval.ks, config.eval.batch_size, users=users, prior=prior)
-    prior, _ = choose_transition_weight(count_transitions(data), args.weights, evaluate, run_dir)
+    prior, _ = fit_transition_prior(load_encoder_dir(run_dir), data, config, args.weights, run_dir)
     scores = json.loads((run_dir / TRANSITIONS_RUN_FILE).read_text())
     print(json.dumps(scores))
     print(f"weight {prior.weight} kept in {run_dir}: `seqrank evaluate` and `seqrank export` use it")

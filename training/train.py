@@ -363,13 +363,14 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
 
     best = load_encoder_dir(run_dir, device)
     final_users = final_evaluation_users(data, config)
-    evaluate = lambda split, prior=None: evaluate_model(  # noqa: E731
-        best, data, split, config.eval.ks, config.eval.batch_size, device, final_users, amp_dtype, prior)
     if config.transitions.weights != [0.0]:
-        prior, valid = choose_transition_weight(count_transitions(data), config.transitions.weights, evaluate, run_dir)
+        prior, valid = fit_transition_prior(best, data, config, config.transitions.weights, run_dir, device, amp_dtype)
     else:
-        prior, valid = None, evaluate("valid")
-    test = evaluate("test", prior)
+        prior = None
+        valid = evaluate_model(best, data, "valid", config.eval.ks, config.eval.batch_size, device, final_users,
+                               amp_dtype)
+    test = evaluate_model(best, data, "test", config.eval.ks, config.eval.batch_size, device, final_users, amp_dtype,
+                          prior)
     summary = {"best_epoch": best_epoch, "epochs_run": len(history), "seconds": time.perf_counter() - started,
                "seconds_to_best": history[best_epoch - 1]["elapsed_seconds"], "device": str(device),
                "workers": 1 if shard is None else shard.world_size,
@@ -379,15 +380,18 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
     return {**test, **summary}
 
 
-def choose_transition_weight(prior: TransitionPrior, weights: list[float], evaluate,
-                             run_dir: Path) -> tuple[TransitionPrior, dict]:
-    """The prior at the weight with the best validation NDCG@10 (ties: the smaller weight), saved with the run,
-    and that weight's validation report.
+def fit_transition_prior(model: SequenceEncoder, data: SequenceData, config: TrainConfig, weights: list[float],
+                         run_dir: Path, device: torch.device | str = "cpu",
+                         dtype: torch.dtype | None = None) -> tuple[TransitionPrior, dict]:
+    """The run's prior at the weight with the best validation NDCG@10 (ties: the smaller weight), saved with the
+    run, and that weight's validation report (the run's final-evaluation users).
 
-    evaluate(split, prior) -> report. The weight is a hyperparameter like the best epoch: chosen on validation,
-    so the test split stays unseen.
+    The weight is a hyperparameter like the best epoch: chosen on validation, so the test split stays unseen.
     """
-    reports = {w: evaluate("valid", prior.with_weight(w)) for w in sorted(set(weights))}
+    prior, users = count_transitions(data), final_evaluation_users(data, config)
+    reports = {w: evaluate_model(model, data, "valid", config.eval.ks, config.eval.batch_size, device, users, dtype,
+                                 prior.with_weight(w))
+               for w in sorted(set(weights))}
     weight = max(reports, key=lambda w: (reports[w][SELECTION_METRIC], -w))
     prior = prior.with_weight(weight)
     prior.save(run_dir)
