@@ -192,7 +192,17 @@ def all_data_present(server: Prometheus) -> bool:
             return False
         if is_latency_quantile(title, expr) and not all(math.isfinite(float(s["value"][1])) for s in result):
             return False
-    return all(server.query(rule["expr"]).get("data", {}).get("result") for rule in rules() if "record" in rule)
+    # The recorded series too, not only their expressions: Prometheus writes a recording rule's sample when the
+    # group is evaluated (every second here), so just after the expression turns finite the last recorded sample
+    # can still be the NaN of a window without increase, and the alerts read the recorded series.
+    for rule in rules():
+        if "record" not in rule:
+            continue
+        for name in (rule["expr"], rule["record"]):
+            result = server.query(name).get("data", {}).get("result", [])
+            if not result or not all(math.isfinite(float(s["value"][1])) for s in result):
+                return False
+    return True
 
 
 def describe(series: list[dict]) -> str:
