@@ -182,27 +182,21 @@ def prometheus(service, client, manifest, item_ids, tmp_path_factory):
         log.close()
 
 
+def returns_data(server: Prometheus, expr: str, finite: bool) -> bool:
+    """Polling, so a failed query is a False, not an error; `finite`: every value too, not NaN or infinite."""
+    result = server.query(expr).get("data", {}).get("result", [])
+    return bool(result) and (not finite or all(math.isfinite(float(s["value"][1])) for s in result))
+
+
 def all_data_present(server: Prometheus) -> bool:
-    for title, _, expr in dashboard_targets():
-        if is_gpu_panel(title):
-            continue
-        answer = server.query(expr)
-        result = answer.get("data", {}).get("result", [])
-        if not result:
-            return False
-        if is_latency_quantile(title, expr) and not all(math.isfinite(float(s["value"][1])) for s in result):
-            return False
+    if not all(returns_data(server, expr, finite=is_latency_quantile(title, expr))
+               for title, _, expr in dashboard_targets() if not is_gpu_panel(title)):
+        return False
     # The recorded series too, not only their expressions: Prometheus writes a recording rule's sample when the
     # group is evaluated (every second here), so just after the expression turns finite the last recorded sample
     # can still be the NaN of a window without increase, and the alerts read the recorded series.
-    for rule in rules():
-        if "record" not in rule:
-            continue
-        for name in (rule["expr"], rule["record"]):
-            result = server.query(name).get("data", {}).get("result", [])
-            if not result or not all(math.isfinite(float(s["value"][1])) for s in result):
-                return False
-    return True
+    return all(returns_data(server, name, finite=True) for rule in rules() if "record" in rule
+               for name in (rule["expr"], rule["record"]))
 
 
 def describe(series: list[dict]) -> str:
