@@ -36,10 +36,21 @@ class TrainBatch:
     behaviors: torch.Tensor | None  # (B, T) behaviour indices or None
     lengths: torch.Tensor  # (B,) real input length per row
     targets: torch.Tensor  # (B, T) item to predict at each position, PAD_INDEX where there is none
+    # (N,) flat indices into B*T of the positions that predict something, found on the host when the batch is
+    # built: selecting them on the device by a boolean mask would make it wait (nonzero) once per tower and step
+    positions: torch.Tensor
 
     def to(self, device) -> "TrainBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return TrainBatch(move(self.items), move(self.behaviors), move(self.lengths), move(self.targets))
+        return TrainBatch(move(self.items), move(self.behaviors), move(self.lengths), move(self.targets),
+                          move(self.positions))
+
+
+def train_batch(items: np.ndarray, behaviors: np.ndarray | None, lengths: np.ndarray, targets: np.ndarray) -> TrainBatch:
+    """A TrainBatch of int64 tensors from the builders' numpy arrays, with its predicting positions."""
+    as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    return TrainBatch(as_tensor(items), as_tensor(behaviors), as_tensor(lengths), as_tensor(targets),
+                      as_tensor(np.flatnonzero(targets != PAD_INDEX)))
 
 
 def gather_padded(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, pad: int = PAD_INDEX) -> np.ndarray:
@@ -101,13 +112,8 @@ def causal_train_batches(
         targets = gather_padded(data.items, first[batch] + 1, lengths)
         if item_dropout:
             items = np.where((rng.random(items.shape) < item_dropout) & (items != PAD_INDEX), config.mask_index, items)
-        behaviors = None
-        if data.behaviors is not None:
-            behaviors = torch.from_numpy(gather_padded(data.behaviors, first[batch], lengths, 0).astype(np.int64))
-        yield TrainBatch(
-            torch.from_numpy(items.astype(np.int64)), behaviors, torch.from_numpy(lengths.astype(np.int64)),
-            torch.from_numpy(targets.astype(np.int64)),
-        )
+        behaviors = None if data.behaviors is None else gather_padded(data.behaviors, first[batch], lengths, 0)
+        yield train_batch(items, behaviors, lengths, targets)
 
 
 def masked_train_batches(
@@ -130,11 +136,8 @@ def masked_train_batches(
         masked[rows, newest] |= ~masked.any(1)  # every row predicts something
         targets = np.where(masked, items, PAD_INDEX)
         items = np.where(masked, config.mask_index, items)
-        behaviors = None
-        if data.behaviors is not None:
-            behaviors = torch.from_numpy(gather_padded(data.behaviors, first[batch], lengths, 0).astype(np.int64))
-        yield TrainBatch(torch.from_numpy(items), behaviors, torch.from_numpy(lengths.astype(np.int64)),
-                         torch.from_numpy(targets))
+        behaviors = None if data.behaviors is None else gather_padded(data.behaviors, first[batch], lengths, 0)
+        yield train_batch(items, behaviors, lengths, targets)
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,4 @@ def next_item_masked_batches(
         if data.behaviors is not None:
             behaviors = gather_padded(data.behaviors, first[batch], lengths, 0).astype(np.int64)
             behaviors[rows, lengths - 1] = 0
-            behaviors = torch.from_numpy(behaviors)
-        yield TrainBatch(torch.from_numpy(items), behaviors, torch.from_numpy(lengths.astype(np.int64)),
-                         torch.from_numpy(targets))
+        yield train_batch(items, behaviors, lengths, targets)

@@ -35,7 +35,7 @@ def rank_batch(scores: torch.Tensor, batch: EvalBatch, top_k: int) -> tuple[np.n
     target_scores = scores.gather(1, targets.unsqueeze(1))
     # ties are broken by item index, so an integer-valued baseline (popularity) is not credited with every tie
     earlier = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) < targets.unsqueeze(1)
-    ranks = (scores > target_scores).sum(1) + ((scores == target_scores) & earlier).sum(1)
+    ranks = ((scores > target_scores) | ((scores == target_scores) & earlier)).sum(1)  # one pass over (B, I+1)
     top = scores.topk(top_k, dim=1).indices
     return ranks.cpu().numpy(), top.cpu().numpy()
 
@@ -51,8 +51,13 @@ def evaluate_model(
     users: np.ndarray | None = None,
     dtype: torch.dtype | None = None,
     prior: TransitionPrior | None = None,
+    diversity: bool = True,
 ) -> dict[str, float]:
-    """Full-ranking report of `model` on `split`; `prior` adds its item-to-item term after each newest item."""
+    """Full-ranking report of `model` on `split`; `prior` adds its item-to-item term after each newest item.
+
+    diversity=False leaves out ILD@K, the one metric that costs more than the ranking itself (a (K, K) product of
+    item vectors per user): what the per-epoch validation of training does, which only selects on NDCG@10.
+    """
     model.eval()
     item_vectors = model.output_item_vectors()[: data.num_items + 1].float()
     all_ranks, all_top = [], []
@@ -65,7 +70,7 @@ def evaluate_model(
         ranks, top = rank_batch(scores, batch, max(ks))
         all_ranks.append(ranks)
         all_top.append(top)
-    vectors = item_vectors.cpu().numpy()
+    vectors = item_vectors.cpu().numpy() if diversity else None
     return ranking_report(np.concatenate(all_ranks), np.concatenate(all_top), vectors, ks, data.num_items)
 
 

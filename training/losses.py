@@ -24,8 +24,8 @@ def full_softmax_loss(
     # over the whole catalogue, and at (N, D) x (D, I) this product is a small part of the step
     with torch.autocast(user_vectors.device.type, enabled=False):
         logits = user_vectors.float() @ item_vectors.float().T  # (N, I+1)
-    if excluded is not None:
-        logits = logits.scatter(1, excluded, float("-inf"))
+    if excluded is not None:  # in place: the product's backward needs its inputs, not its output
+        logits.scatter_(1, excluded, float("-inf"))
     logits[:, 0] = float("-inf")
     return F.cross_entropy(logits, targets)
 

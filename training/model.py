@@ -178,14 +178,27 @@ class SequenceEncoder(nn.Module):
             self.item_embedding.weight[PAD_INDEX].zero_()
 
     def item_vectors(self, item_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """Output/input vectors of items: id embedding + mean attribute embedding. (I+2, D) or (*idx, D)."""
-        if item_indices is None:
-            item_indices = torch.arange(self.item_embedding.num_embeddings, device=self.item_embedding.weight.device)
-        vectors = self.item_embedding(item_indices)
+        """Output/input vectors of items: id embedding + attribute embeddings summed over the item's A attribute
+        slots, divided by its number of real attributes. (I+2, D) or (*idx, D).
+
+        The whole table (item_indices None, every full-softmax step) is the weight itself, not a lookup of every
+        row, and the attribute sum is one embedding_bag: a few kernels per step instead of a gather and a sum over
+        the catalogue. An empty slot adds the attribute table's PAD row, which is drawn at init and never trained;
+        that term is kept exactly as the per-slot lookup computed it, so every trained model keeps its vectors.
+        """
+        if item_indices is None and not self.item_embedding.sparse:  # a sparse table needs its lookup's gradient
+            vectors, attributes = self.item_embedding.weight, self.item_attributes  # (I+2, D), (I+2, A)
+        else:
+            if item_indices is None:
+                item_indices = torch.arange(self.item_embedding.num_embeddings, device=self.item_attributes.device)
+            vectors, attributes = self.item_embedding(item_indices), self.item_attributes[item_indices]
         if self.attribute_embedding is not None:
-            attributes = self.item_attributes[item_indices]  # (*, A)
-            count = (attributes > 0).sum(-1, keepdim=True).clamp(min=1)
-            vectors = vectors + self.attribute_embedding(attributes).sum(-2) / count
+            table = self.attribute_embedding.weight
+            real = (attributes > 0).sum(-1, keepdim=True)  # (*, 1)
+            bags = attributes.reshape(-1, attributes.shape[-1])
+            total = nn.functional.embedding_bag(bags, table, mode="sum", padding_idx=0).reshape(*attributes.shape[:-1], -1)
+            total = total + (attributes.shape[-1] - real) * table[0].detach()  # empty slots: the untrained PAD row
+            vectors = vectors + total / real.clamp(min=1)
         return vectors
 
     def output_item_vectors(self, item_indices: torch.Tensor | None = None) -> torch.Tensor:

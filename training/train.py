@@ -125,18 +125,41 @@ class NegativeSampler:
         return drawn.clamp(max=len(self.cumulative) - 1)
 
 
+@dataclass(frozen=True)
+class StepTargets:
+    """What every tower's loss on one batch shares: the predicted items and, under mask_history, what each
+    predicting position has already seen. Computed once per batch, not once per tower."""
+
+    items: torch.Tensor  # (N,) the item to predict at each predicting position
+    excluded: torch.Tensor | None  # (N, T) item indices removed from each row's softmax, PAD elsewhere
+
+
+def step_targets(batch: TrainBatch, config: TrainConfig, num_items: int) -> StepTargets:
+    targets = batch.targets.flatten()[batch.positions]  # (N,)
+    excluded = None
+    if config.optim.loss == "ce" and config.optim.mask_history:
+        excluded = seen_before(batch.items, batch.positions, targets, num_items)
+    return StepTargets(targets, excluded)
+
+
 def batch_loss(model: SequenceEncoder, batch: TrainBatch, config: TrainConfig, sampler: NegativeSampler | None):
-    if isinstance(model, EncoderEnsemble):  # each tower its own loss: an ensemble of models, not one wide model
-        return sum(batch_loss(tower, batch, config, sampler) for tower in model.towers)
+    """The batch's training loss; an ensemble's is the sum of its towers' own losses (an ensemble of models, not
+    one wide model). Nothing here waits for the device: every shape is known on the host."""
+    towers = model.towers if isinstance(model, EncoderEnsemble) else (model,)
+    shared = step_targets(batch, config, model.config.num_items)
+    losses = [tower_loss(tower, batch, shared, config, sampler) for tower in towers]
+    return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+
+
+def tower_loss(model: SequenceEncoder, batch: TrainBatch, shared: StepTargets, config: TrainConfig,
+               sampler: NegativeSampler | None) -> torch.Tensor:
     hidden = model(batch.items, batch.behaviors, batch.lengths)  # (B, T, D)
-    positions = batch.targets != PAD_INDEX
-    user_vectors = model.project_users(hidden[positions])  # (N, D): only real positions reach the loss
-    targets = batch.targets[positions]  # (N,)
+    user_vectors = model.project_users(hidden.flatten(0, 1)[batch.positions])  # (N, D): only real positions
+    targets = shared.items
     loss_name = config.optim.loss
     if loss_name == "ce":
         item_vectors = model.output_item_vectors()[: model.config.num_items + 1]
-        excluded = seen_before(batch, positions, model.config.num_items) if config.optim.mask_history else None
-        return full_softmax_loss(user_vectors, item_vectors, targets, excluded)
+        return full_softmax_loss(user_vectors, item_vectors, targets, shared.excluded)
     if loss_name == "sampled":
         negatives = sampler.sample(config.optim.num_negatives)  # (M,) shared by the batch
         unique, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
@@ -161,52 +184,85 @@ class TrainingObjective(torch.nn.Module):
         return batch_loss(self.model, batch, self.config, self.sampler)
 
 
-def seen_before(batch: TrainBatch, positions: torch.Tensor, num_items: int) -> torch.Tensor:
-    """(N, T) item indices each predicted position has already seen (its causal prefix), PAD elsewhere.
+def seen_before(items: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, num_items: int) -> torch.Tensor:
+    """(N, T) item indices each predicting position has already seen (its causal prefix), PAD elsewhere.
 
-    Evaluation never ranks seen items, so excluding them from the softmax denominator trains what is evaluated;
-    a prefix item equal to the target is kept (repeat purchases stay learnable).
+    items (B, T) inputs, positions (N,) flat indices into B*T, targets (N,). Evaluation never ranks seen items,
+    so excluding them from the softmax denominator trains what is evaluated; a prefix item equal to the target is
+    kept (repeat purchases stay learnable).
     """
-    T = batch.items.shape[1]
-    steps = torch.arange(T, device=batch.items.device)
-    prefix = steps.unsqueeze(0) <= steps.unsqueeze(1)  # (T, T): position t sees inputs 0..t
-    seen = batch.items.unsqueeze(1).expand(-1, T, -1).masked_fill(~prefix, PAD_INDEX)  # (B, T, T)
-    seen = seen[positions]  # (N, T)
-    keep = (seen != batch.targets[positions].unsqueeze(1)) & (seen <= num_items)  # [MASK] inputs are not items
+    T = items.shape[1]
+    rows, steps = positions // T, positions % T
+    prefix = torch.arange(T, device=items.device).unsqueeze(0) <= steps.unsqueeze(1)  # (N, T): inputs 0..t
+    seen = items[rows]  # (N, T)
+    keep = prefix & (seen != targets.unsqueeze(1)) & (seen <= num_items)  # [MASK] inputs are not items
     return seen.masked_fill(~keep, PAD_INDEX)
 
 
 def build_optimizers(model: SequenceEncoder, optim) -> list[torch.optim.Optimizer]:
     """AdamW over every parameter; with optim.sparse_item_embeddings the item table goes to SparseAdam instead.
 
-    Dense AdamW reads and writes the whole (I+2, D) table and its two moment buffers every step, and backward
-    materialises a dense (I+2, D) gradient: O(catalogue) per step, which dominates a sampled-softmax step on a
-    million items (BENCHMARKS.md, issue 6). SparseAdam updates only the rows a step touched (lazy Adam: a row's
-    moments age only when it is seen); it has no weight decay, so the table gets none in that mode.
+    AdamW is the fused kernel: one launch for all parameters instead of a few per tensor, which is most of the
+    optimiser's cost for a small model on a GPU. Dense AdamW reads and writes the whole (I+2, D) table and its two
+    moment buffers every step, and backward materialises a dense (I+2, D) gradient: O(catalogue) per step, which
+    dominates a sampled-softmax step on a million items (BENCHMARKS.md, issue 6). SparseAdam updates only the rows
+    a step touched (lazy Adam: a row's moments age only when it is seen); it has no weight decay, so the table
+    gets none in that mode.
     """
+    adamw = dict(lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
     if not optim.sparse_item_embeddings:
-        return [torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)]
+        return [torch.optim.AdamW(model.parameters(), **adamw)]
     model.item_embedding.sparse = True  # a training-time switch of nn.Embedding: backward returns a sparse gradient
     table = model.item_embedding.weight
     dense = [p for p in model.parameters() if p is not table]
-    return [torch.optim.AdamW(dense, lr=optim.lr, weight_decay=optim.weight_decay),
-            torch.optim.SparseAdam([table], lr=optim.lr)]
+    return [torch.optim.AdamW(dense, **adamw), torch.optim.SparseAdam([table], lr=optim.lr)]
 
 
-def clip_gradients(parameters, max_norm: float) -> float:
-    """clip_grad_norm_ that also takes sparse gradients (coalesced first, so repeated rows count once)."""
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ that also takes sparse gradients (coalesced first, so repeated rows count once); returns
+    the total norm as a device tensor, so clipping never waits for the device."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if not any(p.grad.is_sparse for p in parameters):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)  # foreach kernels where the device has them
     grads = []
     for p in parameters:
-        if p.grad is not None:
-            if p.grad.is_sparse:
-                p.grad = p.grad.coalesce()
-            grads.append(p.grad)
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+        grads.append(p.grad)
     norms = [(g._values() if g.is_sparse else g).detach().float().norm() for g in grads]
-    total = torch.stack(norms).norm() if norms else torch.zeros(())
+    total = torch.stack(norms).norm()
     factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(factor.to(g.device, g.dtype))
-    return float(total)
+    return total
+
+
+class TrainingStep:
+    """One optimiser step on one batch, with no host-device synchronisation: the loss comes back as a device
+    tensor, summed over the epoch and read once at its end. On a GPU a step of this small model is launch-bound
+    (BENCHMARKS.md 5b), so a step that never waits lets the host queue the next one while the card works."""
+
+    def __init__(self, objective: torch.nn.Module, model: SequenceEncoder, optimizers, schedules, config: TrainConfig,
+                 worker: Worker, device: torch.device, amp_dtype: torch.dtype | None):
+        self.objective, self.parameters, self.optimizers, self.schedules = objective, list(model.parameters()), \
+            optimizers, schedules
+        self.config, self.worker, self.device, self.amp_dtype = config, worker, device, amp_dtype
+
+    def __call__(self, batch: TrainBatch) -> torch.Tensor:
+        batch = batch.to(self.device)
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss = self.objective(batch)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        weight = self.worker.loss_weight(batch.positions.shape[0]) if self.worker.shard else 1.0
+        (loss * weight if weight != 1.0 else loss).backward()
+        if self.config.optim.grad_clip:
+            clip_gradients(self.parameters, self.config.optim.grad_clip)
+        for optimizer, schedule in zip(self.optimizers, self.schedules):
+            optimizer.step()
+            schedule.step()
+        return loss.detach()
 
 
 def steps_per_epoch(samples: int, batch_size: int, shard: Shard | None) -> int:
@@ -296,6 +352,7 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
                  for o in optimizers]
     sampler = NegativeSampler(item_popularity(data, "train"), device) if config.optim.loss == "sampled" else None
     objective = worker.wrap(TrainingObjective(model, config, sampler))
+    step = TrainingStep(objective, model, optimizers, schedules, config, worker, device, amp_dtype)
     rng = np.random.default_rng(config.optim.seed)
     valid_users = subsample_users(data, config.eval.valid_users, rng)
     if shard is not None:  # dropout and negatives differ per worker; the batch order comes from a shared rng below
@@ -318,25 +375,14 @@ def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = No
             batches = masked_train_batches(data, model.config, config.optim.batch_size, config.model.mask_probability,
                                            rng, shard, order_rng)
         for batch in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not (progress and chief)):
-            batch = batch.to(device)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = objective(batch)
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            (loss * worker.loss_weight(int((batch.targets != PAD_INDEX).sum())) if shard else loss).backward()
-            if config.optim.grad_clip:
-                clip_gradients(model.parameters(), config.optim.grad_clip)
-            for optimizer, schedule in zip(optimizers, schedules):
-                optimizer.step()
-                schedule.step()
-            total_loss += loss.item()
+            total_loss = total_loss + step(batch)
             steps += 1
         train_seconds = time.perf_counter() - epoch_start
-        mean_loss = worker.mean(total_loss / max(steps, 1))
+        mean_loss = worker.mean(float(total_loss) / max(steps, 1))  # the epoch's one wait for the device
         stop = False
         if chief:
             valid = evaluate_model(model, data, "valid", config.eval.ks, config.eval.batch_size, device, valid_users,
-                                   amp_dtype)
+                                   amp_dtype, diversity=False)
             record = {
                 "epoch": epoch, "loss": mean_loss, "valid": valid, "train_seconds": train_seconds,
                 "epoch_seconds": time.perf_counter() - epoch_start, "elapsed_seconds": time.perf_counter() - started,
