@@ -53,6 +53,23 @@ def train_batch(items: np.ndarray, behaviors: np.ndarray | None, lengths: np.nda
                       as_tensor(np.flatnonzero(targets != PAD_INDEX)))
 
 
+def pad_to_shape(batch: TrainBatch, rows: int, length_multiple: int) -> TrainBatch:
+    """The batch padded to `rows` rows and a length that is a multiple of `length_multiple`, every position
+    predicting: padding rows and columns target PAD, which the full-softmax loss ignores, so the loss is the same.
+
+    Static shapes are what a CUDA graph replays (training/cuda_graphs.py): with length buckets a whole epoch then
+    has max_len / length_multiple shapes instead of one per batch length and size. Right padding cannot reach a
+    real position of a causal model, and a padding row has length 1 so its position ids stay in range.
+    """
+    B, T = batch.items.shape
+    padded_length = -(-T // length_multiple) * length_multiple
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, padded_length - T, 0, max(rows, B) - B), value=value)  # noqa: E731
+    lengths = torch.nn.functional.pad(batch.lengths, (0, max(rows, B) - B), value=1)
+    items, targets = pad(batch.items, PAD_INDEX), pad(batch.targets, PAD_INDEX)
+    behaviors = None if batch.behaviors is None else pad(batch.behaviors, 0)
+    return TrainBatch(items, behaviors, lengths, targets, torch.arange(items.numel(), device=items.device))
+
+
 def gather_padded(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, pad: int = PAD_INDEX) -> np.ndarray:
     """CSR slices values[starts[b] : starts[b] + lengths[b]] → (B, max length) right-padded matrix."""
     T = int(lengths.max()) if len(lengths) else 0

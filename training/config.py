@@ -73,6 +73,9 @@ class OptimConfig:
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     sparse_item_embeddings: bool = False  # item table: sparse gradients + SparseAdam, so a step costs O(rows it
     # touches), not O(catalogue); for sampled softmax on large catalogues (BENCHMARKS.md, issue 6)
+    cuda_graphs: bool = False  # CUDA only: replay each step's forward and backward as one CUDA graph per batch
+    # shape (training/cuda_graphs.py); batches are padded to optim.batch_size rows and a multiple of graph_length
+    graph_length: int = 8
 
 
 @dataclass
@@ -239,6 +242,14 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"transitions.weights: must be a non-empty list of weights >= 0, got {config.transitions.weights}")
     if not config.eval.ks or any(k <= 0 for k in config.eval.ks):
         raise ConfigError(f"eval.ks: must be positive integers, got {config.eval.ks}")
+    if config.optim.cuda_graphs and (config.optim.loss != "ce" or config.optim.sparse_item_embeddings
+                                     or config.distributed.backend == "ray" or config.optim.device == "cpu"
+                                     or not config.model.towers and config.model.backbone == "bert"):
+        raise ConfigError("optim.cuda_graphs: only for full-softmax (optim.loss=ce), dense-table, single-process, "
+                          "causal training on CUDA (sampled softmax draws its shapes at run time; DDP and "
+                          "SparseAdam are not captured)")
+    if config.optim.graph_length <= 0:
+        raise ConfigError(f"optim.graph_length: must be > 0, got {config.optim.graph_length}")
     if config.optim.sparse_item_embeddings and config.distributed.backend == "ray":
         raise ConfigError("optim.sparse_item_embeddings: not supported with distributed.backend=ray (DDP all-reduces "
                           "dense gradients; sparse ones need gloo and are untested here)")

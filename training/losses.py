@@ -16,9 +16,10 @@ import torch.nn.functional as F
 def full_softmax_loss(
     user_vectors: torch.Tensor, item_vectors: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """user_vectors (N, D), item_vectors (I+1, D) with row 0 = PAD, targets (N,) in 1..I → mean CE.
+    """user_vectors (N, D), item_vectors (I+1, D) with row 0 = PAD, targets (N,) → mean CE over targets in 1..I.
 
     excluded (N, X): item indices removed from each row's softmax (0 = nothing), e.g. items already seen.
+    A target of 0 (PAD) is a padding position of a static-shape batch: it is left out of the loss and its mean.
     """
     # fp32 logits even under bf16 autocast: a bf16 logit carries ~3 significant digits, too coarse for a softmax
     # over the whole catalogue, and at (N, D) x (D, I) this product is a small part of the step
@@ -27,7 +28,7 @@ def full_softmax_loss(
     if excluded is not None:  # in place: the product's backward needs its inputs, not its output
         logits.scatter_(1, excluded, float("-inf"))
     logits[:, 0] = float("-inf")
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, ignore_index=0)
 
 
 def sampled_softmax_loss(

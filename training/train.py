@@ -247,12 +247,22 @@ class TrainingStep:
         self.objective, self.parameters, self.optimizers, self.schedules = objective, list(model.parameters()), \
             optimizers, schedules
         self.config, self.worker, self.device, self.amp_dtype = config, worker, device, amp_dtype
+        self.graphed = None
+        if config.optim.cuda_graphs:
+            if device.type != "cuda":
+                raise RuntimeError(f"optim.cuda_graphs: needs a CUDA device, training runs on {device}")
+            from training.cuda_graphs import GraphedLoss
+
+            self.graphed = GraphedLoss(objective, config.optim.batch_size, config.optim.graph_length, amp_dtype)
 
     def __call__(self, batch: TrainBatch) -> torch.Tensor:
-        batch = batch.to(self.device)
-        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            loss = self.objective(batch)
+        batch = (batch if self.graphed is None else self.graphed.pad(batch)).to(self.device)
+        if self.graphed is not None:
+            loss = self.graphed(batch)
+        else:
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                loss = self.objective(batch)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         weight = self.worker.loss_weight(batch.positions.shape[0]) if self.worker.shard else 1.0
