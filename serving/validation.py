@@ -7,7 +7,6 @@ fix the request from the message alone. Pure functions: the model's vocabulary c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 

@@ -23,7 +23,6 @@ import grpc
 import pytest
 import yaml
 
-from serving.history import Event
 from tests.e2e.conftest import free_port
 from tests.e2e.helpers import random_history
 

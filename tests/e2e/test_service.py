@@ -12,7 +12,6 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from serving.generated.seqrank.v1 import ranking_pb2 as pb
-from serving.history import Event
 from serving.metrics import ALL_METRICS, VERSION_RETRIES
 from training.metrics import intra_list_diversity
 from tests.e2e.helpers import exact_ranking, random_history, trained_user_vector
