@@ -82,3 +82,35 @@ def test_graphed_steps_train_like_eager_steps_on_cuda():
     (eager_losses, eager_weights), (graph_losses, graph_weights) = results[False], results[True]
     torch.testing.assert_close(graph_losses, eager_losses, rtol=2e-2, atol=1e-2)  # bf16: padding reorders sums
     torch.testing.assert_close(graph_weights, eager_weights, rtol=5e-2, atol=5e-3)
+
+
+def test_graphed_loss_captures_once_per_padded_shape_and_computes_the_eager_loss(monkeypatch):
+    """GraphedLoss's own plumbing on CPU: padding, one capture per shape, the argument order of the captured
+    callable (behaviour types included), the loss it returns. torch.cuda.make_graphed_callables cannot run without
+    a GPU, so it is replaced here by a stand-in that records each capture and runs the module eagerly; the real
+    capture is tested by test_graphed_steps_train_like_eager_steps_on_cuda on a GPU."""
+    from training import cuda_graphs
+
+    captured = []
+
+    def capture_eagerly(module, sample_args, allow_unused_input=False):
+        shapes = [tuple(a.shape) for a in sample_args]
+        captured.append(shapes)
+
+        def replay(*args):
+            assert [tuple(a.shape) for a in args] == shapes  # a graph replays only the shape it captured
+            return module(*args)
+        return replay
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture_eagerly)
+    config = load_config(None, OVERRIDES + ["optim.batch_size=32"])
+    model, batches = model_and_batches(config)
+    assert batches[0].behaviors is not None  # the synthetic log has behaviour types: their argument is exercised
+    model.eval()
+    graphed = cuda_graphs.GraphedLoss(TrainingObjective(model, config, None), rows=32, length_multiple=8,
+                                      amp_dtype=None)
+    for batch in batches:
+        torch.testing.assert_close(graphed(graphed.pad(batch)), batch_loss(model, batch, config, None))
+    shapes = {tuple(graphed.pad(b).items.shape) for b in batches}
+    assert len(captured) == len(graphed.graphs) == len(shapes) >= 2
+    assert all(rows == 32 and length % 8 == 0 for rows, length in shapes)
