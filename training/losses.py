@@ -25,9 +25,14 @@ def full_softmax_loss(
     # over the whole catalogue, and at (N, D) x (D, I) this product is a small part of the step
     with torch.autocast(user_vectors.device.type, enabled=False):
         logits = user_vectors.float() @ item_vectors.float().T  # (N, I+1)
-    if excluded is not None:  # in place: the product's backward needs its inputs, not its output
-        logits.scatter_(1, excluded, float("-inf"))
-    logits[:, 0] = float("-inf")
+    # Masked in place and out of autograd's sight: a removed logit's gradient is exactly zero anyway (its softmax
+    # probability is 0 and it is never a row's target; an ignored row has none), and the product's backward needs
+    # its inputs, not its output. Recorded, each in-place write would cost backward a copy of the whole (N, I+1)
+    # gradient; unrecorded, the gradients are the same to the bit (tests/training/test_losses.py).
+    with torch.no_grad():
+        if excluded is not None:
+            logits.scatter_(1, excluded, float("-inf"))
+        logits[:, 0] = float("-inf")
     return F.cross_entropy(logits, targets, ignore_index=0)
 
 
