@@ -62,9 +62,12 @@ def pad_to_shape(batch: TrainBatch, rows: int, length_multiple: int) -> TrainBat
     real position of a causal model, and a padding row has length 1 so its position ids stay in range.
     """
     B, T = batch.items.shape
-    padded_length = -(-T // length_multiple) * length_multiple
-    pad = lambda t, value: torch.nn.functional.pad(t, (0, padded_length - T, 0, max(rows, B) - B), value=value)  # noqa: E731
-    lengths = torch.nn.functional.pad(batch.lengths, (0, max(rows, B) - B), value=1)
+    extra_rows, extra_steps = max(rows, B) - B, -(-T // length_multiple) * length_multiple - T
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, extra_steps, 0, extra_rows), value=value)
+
+    lengths = torch.nn.functional.pad(batch.lengths, (0, extra_rows), value=1)
     items, targets = pad(batch.items, PAD_INDEX), pad(batch.targets, PAD_INDEX)
     behaviors = None if batch.behaviors is None else pad(batch.behaviors, 0)
     return TrainBatch(items, behaviors, lengths, targets, torch.arange(items.numel(), device=items.device))

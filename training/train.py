@@ -256,10 +256,11 @@ class TrainingStep:
             self.graphed = GraphedLoss(objective, config.optim.batch_size, config.optim.graph_length, amp_dtype)
 
     def __call__(self, batch: TrainBatch) -> torch.Tensor:
-        batch = (batch if self.graphed is None else self.graphed.pad(batch)).to(self.device)
         if self.graphed is not None:
+            batch = self.graphed.pad(batch).to(self.device)
             loss = self.graphed(batch)
         else:
+            batch = batch.to(self.device)
             with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 loss = self.objective(batch)

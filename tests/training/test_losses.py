@@ -23,7 +23,6 @@ def test_full_softmax_excluded_items_leave_the_denominator():
     assert math.isclose(without_3.item(), -math.log(math.e / (math.e + 1)), rel_tol=1e-5)
 
 
-
 def test_full_softmax_gradients_equal_those_of_the_recorded_mask():
     """The mask is written out of autograd's sight; the gradients must be what the plain, recorded formula gives:
     log-softmax over the logits with the excluded items and PAD at -inf, mean over the rows whose target is real."""
