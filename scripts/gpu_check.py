@@ -66,7 +66,7 @@ def run(cmd: list[str], log: Path, timeout: float) -> str:
 
 
 def seqrank(*args: str) -> list[str]:
-    return [sys.executable, "-m", "serving.cli", *args]
+    return [sys.executable, "-m", "seqrank.serving.cli", *args]
 
 
 def train_command(name: str, dataset: str, overrides: list[str], args) -> list[str]:

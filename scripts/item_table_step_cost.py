@@ -13,13 +13,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from training.batches import causal_train_batches
-from training.config import load_config
-from training.data import build_sequences
-from training.evaluate import item_popularity
-from training.model import SequenceEncoder
-from training.synthetic import generate_log
-from training.train import NegativeSampler, TrainingObjective, build_optimizers, clip_gradients, encoder_config_for
+from seqrank.training.batches import causal_train_batches
+from seqrank.training.config import load_config
+from seqrank.training.data import build_sequences
+from seqrank.training.evaluate import item_popularity
+from seqrank.training.model import SequenceEncoder
+from seqrank.training.step import NegativeSampler, TrainingObjective, build_optimizers, clip_gradients
+from seqrank.training.synthetic import generate_log
+from seqrank.training.train import encoder_config_for
 
 STEPS, WARM_UP = 12, 2
 

@@ -13,10 +13,10 @@ import time
 import numpy as np
 import torch
 
-from serving.retrieval import LoadedIndex
-from training.artifact import load_artifact
-from training.export import exact_top_k
-from training.model import encode_histories, load_encoder
+from seqrank.serving.retrieval import LoadedIndex
+from seqrank.training.artifact import load_artifact
+from seqrank.training.export import exact_top_k
+from seqrank.training.model import encode_histories, load_encoder
 
 
 def timed(label: str, call):

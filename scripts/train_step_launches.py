@@ -29,13 +29,11 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from training.batches import causal_train_batches
-from training.config import load_config
-from training.data import load_sequences
-from training.train import (
-    TrainingStep, TrainingObjective, Worker, build_encoder, build_optimizers, clip_gradients, encoder_config_for,
-    lr_factor, seed_everything,
-)
+from seqrank.training.batches import causal_train_batches
+from seqrank.training.config import load_config
+from seqrank.training.sources import load_sequences
+from seqrank.training.step import TrainingObjective, TrainingStep, Worker, build_optimizers, clip_gradients, lr_factor
+from seqrank.training.train import build_encoder, encoder_config_for, seed_everything
 
 WAITING_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
                "aten.masked_select"}

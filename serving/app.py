@@ -23,12 +23,12 @@ from typing import Any, Mapping
 
 from ray.serve import Application
 
-from serving.config import OWN_DEPLOYMENT, AppArgs
-from serving.encoder import Encoder
-from serving.ingress import RankingIngress
-from serving.rerank import Reranker
-from serving.retrieval import Retrieval
-from serving.shards import RetrievalShard, shard_deployment_name
+from seqrank.serving.config import OWN_DEPLOYMENT, AppArgs
+from seqrank.serving.encoder import Encoder
+from seqrank.serving.ingress import RankingIngress
+from seqrank.serving.rerank import Reranker
+from seqrank.serving.retrieval import Retrieval
+from seqrank.serving.shards import RetrievalShard, shard_deployment_name
 
 
 def build_app(args: Mapping[str, Any] | AppArgs) -> Application:

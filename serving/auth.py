@@ -5,7 +5,7 @@ variable (`env:NAME`, e.g. a Kubernetes Secret) or a file (`file:/path`, e.g. a 
 for rotation (comma or newline separated). Tokens are compared as sha256 digests with `hmac.compare_digest`
 against every accepted token, so the time taken depends neither on where a presented token differs nor on which
 token matched. A token never appears in an error message or a log line. Health `Check` is exempt (probes carry
-no token; see `serving.errors.rpc_method(public=True)`).
+no token; see `seqrank.serving.errors.rpc_method(public=True)`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from serving.errors import Unauthenticated
+from seqrank.serving.errors import Unauthenticated
 
 AUTHORIZATION_METADATA_KEY = "authorization"  # gRPC metadata keys are lower case
 BEARER_SCHEME = "Bearer"

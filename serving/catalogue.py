@@ -15,10 +15,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from training.artifact import PAD_INDEX, Artifact
+from seqrank.training.artifact import Artifact
+from seqrank.training.vocab import PAD_INDEX, UNSPECIFIED_BEHAVIOR
 
 NO_BEHAVIOR_INDEX = 0
-UNSPECIFIED_BEHAVIOR = ""
+
 
 
 @dataclass(frozen=True)

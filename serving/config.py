@@ -15,9 +15,9 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.auth import AuthConfig
-from serving.history import HistoryConfig
-from serving.validation import Limits
+from seqrank.serving.auth import AuthConfig
+from seqrank.serving.history.events import HistoryConfig
+from seqrank.serving.validation import Limits
 
 SERVE_CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")  # the one Serve config
 # Topology. Where the encoder and retrieval run: inside the ingress replica (a function call) or as their own

@@ -21,15 +21,15 @@ import ray
 import torch
 from ray import serve
 
-from serving.batching import count_items, flatten, group_by_model, split
-from serving.catalogue import Catalogue
-from serving.config import EncoderArgs
-from serving.errors import Unavailable
-from serving.messages import EncodedUser, EncodeRequest
-from serving.metrics import STAGE_ENCODE, ServingMetrics
-from serving.reload import ModelSlot
-from training.artifact import Artifact
-from training.model import SequenceEncoder, encode_histories, load_encoder
+from seqrank.serving.batching import count_items, flatten, group_by_model, split
+from seqrank.serving.catalogue import Catalogue
+from seqrank.serving.config import EncoderArgs
+from seqrank.serving.errors import Unavailable
+from seqrank.serving.messages import EncodedUser, EncodeRequest
+from seqrank.serving.metrics import STAGE_ENCODE, ServingMetrics
+from seqrank.serving.reload import ModelSlot
+from seqrank.training.artifact import Artifact
+from seqrank.training.model import SequenceEncoder, encode_histories, load_encoder
 
 logger = logging.getLogger(f"ray.serve.{__name__}")
 

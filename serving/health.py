@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from grpc_health.v1 import health_pb2
 
-from serving.errors import NotFound, shown
-from serving.generated.seqrank.v1 import ranking_pb2
+from seqrank.serving.errors import NotFound, shown
+from seqrank.v1 import ranking_pb2
 
 HEALTH_SERVICER_FUNCTION = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 RANKING_SERVICE = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name  # seqrank.v1.RankingService

@@ -24,27 +24,39 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from serving import health
-from serving.auth import authenticator
-from serving.batching import SlotBatcher
-from serving.catalogue import Catalogue, History
-from serving.config import EncoderArgs, IngressArgs, RetrievalArgs
-from serving.errors import NotFound, RpcHooks, Unavailable, rpc_method
-from serving.generated.seqrank.v1 import ranking_pb2
-from serving.history import Event, StoredEvent, open_history_store, resolve_history_url
-from serving.messages import (
-    CandidateSet, EncodedUser, EncodeRequest, RankedItem, RankedList, RerankRequest, RetrievalRequest,
+from seqrank.serving import health
+from seqrank.serving.auth import authenticator
+from seqrank.serving.batching import SlotBatcher
+from seqrank.serving.catalogue import Catalogue, History
+from seqrank.serving.config import EncoderArgs, IngressArgs, RetrievalArgs
+from seqrank.serving.errors import NotFound, RpcHooks, Unavailable, rpc_method
+from seqrank.serving.history import Event, StoredEvent, open_history_store, resolve_history_url
+from seqrank.serving.messages import (
+    CandidateSet,
+    EncodedUser,
+    EncodeRequest,
+    RankedItem,
+    RankedList,
+    RerankRequest,
+    RetrievalRequest,
 )
-from serving.metrics import (
-    STAGE_ENCODE, STAGE_FALLBACK, STAGE_HISTORY, STAGE_RANK, STAGE_RERANK, STAGE_RETRIEVE, STAGE_TOTAL,
+from seqrank.serving.metrics import (
+    STAGE_ENCODE,
+    STAGE_FALLBACK,
+    STAGE_HISTORY,
+    STAGE_RANK,
+    STAGE_RERANK,
+    STAGE_RETRIEVE,
+    STAGE_TOTAL,
     ServingMetrics,
 )
-from serving.reload import ModelSlot, VersionUnavailable
-from serving.retrieval import RetrievalStage, popular_candidates, rerank_all
-from serving.validation import RankQuery, validate_record_events_request, validate_rank_request
+from seqrank.serving.reload import ModelSlot, VersionUnavailable
+from seqrank.serving.retrieval import RetrievalStage, popular_candidates, rerank_all
+from seqrank.serving.validation import RankQuery, validate_rank_request, validate_record_events_request
+from seqrank.v1 import ranking_pb2
 
 if TYPE_CHECKING:  # imported at run time only by an ingress that encodes (torch)
-    from serving.encoder import EncoderStage
+    from seqrank.serving.encoder import EncoderStage
 
 logger = logging.getLogger(f"ray.serve.{__name__}")
 T = TypeVar("T")
@@ -232,7 +244,7 @@ class RankingIngress:
         self._local_encoder: EncoderStage | None = None  # this replica's model, when the encoder runs here
         if encoder is None:
             # Imported here, at replica start, so that an ingress with an Encoder deployment never loads torch.
-            from serving.encoder import EncoderStage
+            from seqrank.serving.encoder import EncoderStage
 
             self._local_encoder = EncoderStage(self._metrics, "ingress encoder", encoder_args.gpu_precision)
             self._encoder: EncoderStage | RemoteEncoder = self._local_encoder

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.catalogue import History
+from seqrank.serving.catalogue import History
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from ray.serve import metrics as serve_metrics
 
-from serving.errors import RpcOutcome
+from seqrank.serving.errors import RpcOutcome
 
 RAY_PREFIX = "ray_"
 LATENCY_MS_BOUNDARIES = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 2500)

@@ -18,9 +18,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Mapping, Protocol, TypeVar
 
-from serving.config import ModelUserConfig
-from serving.errors import Unavailable
-from training.artifact import Artifact, load_artifact
+from seqrank.serving.config import ModelUserConfig
+from seqrank.serving.errors import Unavailable
+from seqrank.training.artifact import Artifact, load_artifact
 
 logger = logging.getLogger(f"ray.serve.{__name__}")  # into Serve's replica logs
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 
-from serving.batching import count_items, flatten, split
-from serving.config import RerankArgs
-from serving.messages import CandidateSet, RankedItem, RankedList, RerankRequest
-from serving.metrics import STAGE_RERANK, ServingMetrics
+from seqrank.serving.batching import count_items, flatten, split
+from seqrank.serving.config import RerankArgs
+from seqrank.serving.messages import CandidateSet, RankedItem, RankedList, RerankRequest
+from seqrank.serving.metrics import STAGE_RERANK, ServingMetrics
 
 # Verb for "because you <verb> <item>"; behaviour names not listed (and "") read as "interacted with".
 BEHAVIOR_VERBS = {"pv": "viewed", "cart": "added to cart", "fav": "saved", "buy": "bought"}

@@ -3,7 +3,7 @@
 Exclusions (items seen, items the caller excludes) are applied after the index search rather than inside it,
 so the index stays shared and read-only. To still return k items, the search over-fetches: see `fetch_size`.
 Queries of concurrent requests run as one batched `knn_query`; by default the same replica then re-ranks
-(`serving.rerank.rerank`, a function call instead of another deployment hop). With `retrieval.num_shards` > 1
+(`seqrank.serving.rerank.rerank`, a function call instead of another deployment hop). With `retrieval.num_shards` > 1
 the index lives in RetrievalShard deployments (serving/shards.py) and this stage asks each shard for the same
 over-fetch and merges, so exclusions and re-ranking work unchanged.
 """
@@ -17,16 +17,16 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.batching import count_items, flatten, group_by_model, split
-from serving.catalogue import Catalogue, History
-from serving.config import RetrievalArgs
-from serving.messages import CandidateSet, RankedList, RetrievalRequest
-from serving.metrics import STAGE_RETRIEVE, ServingMetrics
-from serving.reload import ModelSlot
-from serving.rerank import rerank
-from serving.shards import RemoteShards
-from training.artifact import Artifact, ItemIndex
-from training.transitions import TransitionPrior
+from seqrank.serving.batching import count_items, flatten, group_by_model, split
+from seqrank.serving.catalogue import Catalogue, History
+from seqrank.serving.config import RetrievalArgs
+from seqrank.serving.messages import CandidateSet, RankedList, RetrievalRequest
+from seqrank.serving.metrics import STAGE_RETRIEVE, ServingMetrics
+from seqrank.serving.reload import ModelSlot
+from seqrank.serving.rerank import rerank
+from seqrank.serving.shards import RemoteShards
+from seqrank.training.artifact import Artifact, ItemIndex
+from seqrank.training.transitions import TransitionPrior
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.config import RetrievalArgs
-from serving.metrics import ServingMetrics
-from serving.reload import ModelSlot
-from training.artifact import PAD_INDEX, Artifact, ItemIndex, build_hnsw_index
+from seqrank.serving.config import RetrievalArgs
+from seqrank.serving.metrics import ServingMetrics
+from seqrank.serving.reload import ModelSlot
+from seqrank.training.artifact import Artifact, ItemIndex, build_hnsw_index
+from seqrank.training.vocab import PAD_INDEX
 
 SHARD_DEPLOYMENT_PREFIX = "RetrievalShard"  # shard s is the deployment RetrievalShard<s>
 FLOAT32_BYTES = 4

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from serving.errors import InvalidArgument, shown
-from serving.generated.seqrank.v1 import ranking_pb2
-from serving.history import Event, UserEvents
+from seqrank.serving.errors import InvalidArgument, shown
+from seqrank.serving.history.events import Event, UserEvents
+from seqrank.training.vocab import UNSPECIFIED_BEHAVIOR
+from seqrank.v1 import ranking_pb2
 
-UNSPECIFIED_BEHAVIOR = ""
 # Unix seconds up to 2100-01-01; a millisecond timestamp (13 digits) lands above and is rejected, not misread.
 MAX_TIMESTAMP_S = 4_102_444_800
 

@@ -24,7 +24,7 @@ def shared_data(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory) -> tuple[Path, Path]:
-    from training.synthetic import write_synthetic_dataset
+    from seqrank.training.synthetic import write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_users=800, num_items=200, seed=0)
 
@@ -32,8 +32,8 @@ def synthetic_dataset(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, synthetic_dataset) -> Path:
     """A small model trained on the synthetic log with attributes, behaviour types and the default causal encoder."""
-    from training.config import load_config
-    from training.train import fit
+    from seqrank.training.config import load_config
+    from seqrank.training.train import fit
 
     events, attributes = synthetic_dataset
     config = load_config(None, TINY_OVERRIDES + [f"data.path={events}", f"data.attributes={attributes}"])
@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory, synthetic_dataset) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_run) -> Path:
-    from training.artifact import IndexParams
-    from training.export import export_run
+    from seqrank.training.artifact import IndexParams
+    from seqrank.training.export import export_run
 
     return export_run(tiny_run, tmp_path_factory.mktemp("artifacts") / "v1", IndexParams(M=16, ef_construction=200, ef_search=400))

@@ -16,7 +16,7 @@ from typing import Sequence
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from serving.generated.seqrank.v1 import ranking_pb2 as pb
+from seqrank.v1 import ranking_pb2 as pb
 
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)

@@ -8,8 +8,14 @@ import copy
 
 import yaml
 
-from serving.deploy import ENCODER_DEPLOYMENT, INGRESS_DEPLOYMENT, RETRIEVAL_DEPLOYMENT, application
-from serving.k8s_render import K8S_DIR, OVERRIDES_FILE
+from seqrank.serving.ops.k8s_render import OVERRIDES_FILE
+from seqrank.serving.ops.serve_config_check import (
+    ENCODER_DEPLOYMENT,
+    INGRESS_DEPLOYMENT,
+    RETRIEVAL_DEPLOYMENT,
+    application,
+)
+from tests.k8s.conftest import K8S_DIR
 
 POOLS = (ENCODER_DEPLOYMENT, RETRIEVAL_DEPLOYMENT)
 

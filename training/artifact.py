@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training.transitions import FILES as TRANSITION_FILES
-from training.transitions import TransitionPrior, load_transitions
+from seqrank.training.transitions import FILES as TRANSITION_FILES
+from seqrank.training.transitions import TransitionPrior, load_transitions
+from seqrank.training.vocab import PAD_INDEX
 
-PAD_INDEX = 0  # internal item index 0 is padding everywhere; real items are 1..num_items
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ENCODER_FILE = "encoder.safetensors"

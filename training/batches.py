@@ -17,9 +17,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from training.artifact import PAD_INDEX
-from training.data import SequenceData, history_bounds
-from training.model import EncoderConfig
+from seqrank.training.data import SequenceData, history_bounds
+from seqrank.training.model import EncoderConfig
+from seqrank.training.vocab import PAD_INDEX
 
 
 @dataclass(frozen=True)

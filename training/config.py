@@ -32,8 +32,11 @@ class DataConfig:
     synthetic_seed: int = 0
 
 
-@dataclass
-class ModelConfig:
+@dataclass(frozen=True)
+class Architecture:
+    """The encoder's architecture, declared once: `ModelConfig` (the `model:` section) adds the training-only
+    settings to it, and `model.EncoderConfig` (the exported encoder_config.json) adds the sizes the data gave."""
+
     backbone: str = "gpt2"  # gpt2 | llama (causal, SASRec-like) | bert (bidirectional, BERT4Rec-like)
     max_len: int = 50  # most recent events the encoder sees
     hidden_size: int = 64
@@ -42,16 +45,24 @@ class ModelConfig:
     intermediate_size: int = 256
     dropout: float = 0.5  # hidden and embedding dropout
     attention_dropout: float = 0.5
-    use_behaviors: bool = True  # add a behaviour-type embedding when the data has types
-    use_attributes: bool = True  # add pooled attribute embeddings when side information is given
-    mask_probability: float = 0.2  # bert cloze only: share of positions masked in training
-    bert_objective: str = "cloze"  # bert only: cloze (BERT4Rec) | next (each prefix + [MASK] predicts its next item)
-    item_dropout: float = 0.0  # causal only: share of input items replaced by [MASK] in training
     similarity: str = "dot"  # dot | cosine (L2-normalised vectors, scores divided by temperature)
     temperature: float = 1.0  # cosine only
     frequency_mix: float = 0.0  # causal only: weight of BSARec's low-pass filter path beside attention; 0 = off
     frequency_cutoff: int = 5  # low-pass keeps the lowest frequency_cutoff // 2 + 1 frequencies of max_len
     towers: list[str] = field(default_factory=list)  # e.g. [gpt2, llama]: an ensemble whose scores add; [] = backbone
+
+    def architecture(self) -> dict:
+        """This object's architecture fields alone (a ModelConfig's, without its training settings)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture)}
+
+
+@dataclass(frozen=True)
+class ModelConfig(Architecture):
+    use_behaviors: bool = True  # add a behaviour-type embedding when the data has types
+    use_attributes: bool = True  # add pooled attribute embeddings when side information is given
+    mask_probability: float = 0.2  # bert cloze only: share of positions masked in training
+    bert_objective: str = "cloze"  # bert only: cloze (BERT4Rec) | next (each prefix + [MASK] predicts its next item)
+    item_dropout: float = 0.0  # causal only: share of input items replaced by [MASK] in training
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from training.batches import TrainBatch, pad_to_shape
+from seqrank.training.batches import TrainBatch, pad_to_shape
 
 
 class _TensorObjective(torch.nn.Module):

@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.artifact import PAD_INDEX
-from training.config import DataConfig
+from seqrank.training.vocab import BEHAVIOR_ORDER, PAD_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ HEADERLESS_COLUMNS = {
     4: ("user_id", "item_id", "timestamp", "event_type"),
     5: ("user_id", "item_id", "category_id", "event_type", "timestamp"),  # Taobao UserBehavior.csv
 }
-BEHAVIOR_ORDER = ("pv", "cart", "fav", "buy")  # known names come first in funnel order, others sorted after
+
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
 
@@ -414,18 +413,6 @@ def build_sequences(
         num_attributes=num_attributes,
         fingerprint=_fingerprint(interactions, settings),
     )
-
-
-def load_sequences(config: DataConfig) -> SequenceData:
-    """The data a training run uses: the file in `config.path`, or the synthetic log when it is empty."""
-    if config.path:
-        interactions = load_interactions(config.path, config.format)
-    else:
-        from training.synthetic import generate_log  # local import: synthetic builds on Interactions above
-
-        interactions = generate_log(config.synthetic_users, config.synthetic_items, config.synthetic_seed)
-    return build_sequences(interactions, kcore=config.kcore, max_events_per_user=config.max_events_per_user,
-                           attributes_path=config.attributes)
 
 
 # ---------------------------------------------------------------------------------------------- leave-one-out

@@ -1,4 +1,4 @@
-"""Data-parallel training through Ray Train: `TorchTrainer` workers each run `training.train.fit` on a shard.
+"""Data-parallel training through Ray Train: `TorchTrainer` workers each run `seqrank.training.train.fit` on a shard.
 
 What each worker does differently from single-process training is all in `DataParallelWorker`, the `Worker` that
 `fit` is given: it keeps every world_size-th length-bucketed batch (training/batches.py), wraps the model and its
@@ -22,15 +22,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from training.batches import Shard
-from training.config import TrainConfig, config_from_dict
-from training.data import SequenceData, load_sequences
-from training.train import Worker, fit
-
+from seqrank.training import run_dir as run_files
+from seqrank.training.batches import Shard
+from seqrank.training.config import TrainConfig, config_from_dict
+from seqrank.training.data import SequenceData
+from seqrank.training.sources import load_sequences
+from seqrank.training.step import Worker
 
 
 @dataclass
@@ -68,7 +70,7 @@ class DataParallelWorker(Worker):
 
 
 def _train_worker(loop_config: dict) -> None:
-    """Ray Train's train_loop_per_worker: rebuild the config, fetch the shared data, run `fit` on this rank."""
+    """Ray Train's train_loop_per_worker: rebuild the config, fetch the shared data, run the loop on this rank."""
     import ray
     import ray.train
     import ray.train.torch
@@ -79,14 +81,13 @@ def _train_worker(loop_config: dict) -> None:
         torch.set_num_threads(config.distributed.cpus_per_worker)
     data: SequenceData = ray.get(loop_config["data"])
     worker = DataParallelWorker(Shard(context.get_world_rank(), context.get_world_size()), ray.train.torch.get_device())
-    fit(config, loop_config["run_dir"], data, progress=loop_config["progress"], worker=worker)
+    loop_config["train_worker"](config, loop_config["run_dir"], data, progress=loop_config["progress"], worker=worker)
 
 
-def fit_with_ray(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = None,
-                 progress: bool = True) -> dict:
-    """Run `fit` on distributed.num_workers Ray Train workers; returns rank 0's test metrics (read from run_dir)."""
-    import json
-
+def fit_with_ray(config: TrainConfig, run_dir: str | Path, data: SequenceData | None, progress: bool,
+                 train_worker: Callable[..., run_files.FitResult | None]) -> run_files.FitResult:
+    """Run `train_worker` (train.fit, handed in so this module never imports train back) on distributed.num_workers
+    Ray Train workers, each with its `DataParallelWorker`; returns rank 0's result, read from run_dir."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -108,7 +109,7 @@ def fit_with_ray(config: TrainConfig, run_dir: str | Path, data: SequenceData | 
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir), "data": ray.put(data),
-                               "progress": progress},
+                               "progress": progress, "train_worker": train_worker},
             scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                                          resources_per_worker={"CPU": settings.cpus_per_worker,
                                                                **({"GPU": 1} if settings.use_gpu else {})}),
@@ -119,4 +120,4 @@ def fit_with_ray(config: TrainConfig, run_dir: str | Path, data: SequenceData | 
         shutil.rmtree(storage, ignore_errors=True)
         if started_ray:
             ray.shutdown()
-    return json.loads((run_dir / "test_metrics.json").read_text())
+    return run_files.read_result(run_dir)

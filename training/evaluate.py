@@ -7,15 +7,18 @@ its numbers). The most-popular baseline goes through the same code path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from training.artifact import PAD_INDEX
-from training.batches import EvalBatch, eval_batches, gather_padded
-from training.data import SequenceData, history_bounds
-from training.metrics import ranking_report
-from training.model import SequenceEncoder, encode_histories
-from training.transitions import TransitionPrior
+from seqrank.training.batches import EvalBatch, eval_batches, gather_padded
+from seqrank.training.config import EvalConfig
+from seqrank.training.data import SequenceData, history_bounds
+from seqrank.training.metrics import ranking_report
+from seqrank.training.model import SequenceEncoder, encode_histories
+from seqrank.training.transitions import TransitionPrior
+from seqrank.training.vocab import PAD_INDEX
 
 
 def mask_seen(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:
@@ -40,38 +43,46 @@ def rank_batch(scores: torch.Tensor, batch: EvalBatch, top_k: int) -> tuple[np.n
     return ranks.cpu().numpy(), top.cpu().numpy()
 
 
-@torch.no_grad()
-def evaluate_model(
-    model: SequenceEncoder,
-    data: SequenceData,
-    split: str,
-    ks: list[int],
-    batch_size: int = 1024,
-    device: str | torch.device = "cpu",
-    users: np.ndarray | None = None,
-    dtype: torch.dtype | None = None,
-    prior: TransitionPrior | None = None,
-    diversity: bool = True,
-) -> dict[str, float]:
-    """Full-ranking report of `model` on `split`; `prior` adds its item-to-item term after each newest item.
+@dataclass(frozen=True)
+class Evaluation:
+    """How a full-ranking evaluation runs: its cut-offs, batch, device and users, passed as one object.
 
     diversity=False leaves out ILD@K, the one metric that costs more than the ranking itself (a (K, K) product of
     item vectors per user): what the per-epoch validation of training does, which only selects on NDCG@10.
     """
+
+    ks: tuple[int, ...]
+    batch_size: int = 1024
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype | None = None  # the encoder's autocast dtype; None = float32
+    users: np.ndarray | None = None  # user indices to evaluate; None = all
+    diversity: bool = True
+
+    @classmethod
+    def of(cls, settings: EvalConfig, **options) -> Evaluation:
+        """From the config's eval section (ks, batch_size) plus the run's own options."""
+        return cls(ks=tuple(settings.ks), batch_size=settings.batch_size, **options)
+
+
+@torch.no_grad()
+def evaluate_model(model: SequenceEncoder, data: SequenceData, split: str, how: Evaluation,
+                   prior: TransitionPrior | None = None) -> dict[str, float]:
+    """Full-ranking report of `model` on `split`; `prior` adds its item-to-item term after each newest item."""
     model.eval()
     item_vectors = model.output_item_vectors()[: data.num_items + 1].float()
     all_ranks, all_top = [], []
-    for batch in eval_batches(data, split, batch_size, users):
-        user_vectors = torch.from_numpy(encode_histories(model, batch.histories, batch.behaviors, device, dtype))
+    for batch in eval_batches(data, split, how.batch_size, how.users):
+        user_vectors = torch.from_numpy(encode_histories(model, batch.histories, batch.behaviors, how.device,
+                                                         how.dtype))
         scores = user_vectors.to(item_vectors.device) @ item_vectors.T
         if prior is not None and prior.weight:
             newest = np.array([history[-1] for history in batch.histories])
             scores += torch.from_numpy(prior.dense_rows(newest)).to(scores.device)
-        ranks, top = rank_batch(scores, batch, max(ks))
+        ranks, top = rank_batch(scores, batch, max(how.ks))
         all_ranks.append(ranks)
         all_top.append(top)
-    vectors = item_vectors.cpu().numpy() if diversity else None
-    return ranking_report(np.concatenate(all_ranks), np.concatenate(all_top), vectors, ks, data.num_items)
+    vectors = item_vectors.cpu().numpy() if how.diversity else None
+    return ranking_report(np.concatenate(all_ranks), np.concatenate(all_top), vectors, list(how.ks), data.num_items)
 
 
 def item_popularity(data: SequenceData, split: str) -> np.ndarray:
@@ -83,14 +94,13 @@ def item_popularity(data: SequenceData, split: str) -> np.ndarray:
     return np.bincount(visible, minlength=data.num_items + 1).astype(np.float64)
 
 
-def evaluate_popularity(data: SequenceData, split: str, ks: list[int], batch_size: int = 1024,
-                        users: np.ndarray | None = None) -> dict[str, float]:
+def evaluate_popularity(data: SequenceData, split: str, how: Evaluation) -> dict[str, float]:
     """Most-popular baseline: every user gets the same scores, seen items masked as for the model."""
     popularity = torch.from_numpy(item_popularity(data, split)).float()  # counts stay exact below 2**24
     all_ranks, all_top = [], []
-    for batch in eval_batches(data, split, batch_size, users):
+    for batch in eval_batches(data, split, how.batch_size, how.users):
         scores = popularity.unsqueeze(0).repeat(len(batch.users), 1)
-        ranks, top = rank_batch(scores, batch, max(ks))
+        ranks, top = rank_batch(scores, batch, max(how.ks))
         all_ranks.append(ranks)
         all_top.append(top)
-    return ranking_report(np.concatenate(all_ranks), np.concatenate(all_top), None, ks, data.num_items)
+    return ranking_report(np.concatenate(all_ranks), np.concatenate(all_top), None, list(how.ks), data.num_items)

@@ -6,15 +6,16 @@ retrieves against exactly the vectors the model scored with during evaluation.
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from training.artifact import PAD_INDEX, IndexParams, new_model_version, write_artifact
-from training.model import WEIGHTS_FILE, load_encoder_dir
-from training.train import load_run_transitions
+from seqrank.training import run_dir as run_files
+from seqrank.training.artifact import IndexParams, new_model_version, write_artifact
+from seqrank.training.model import WEIGHTS_FILE, load_encoder_dir
+from seqrank.training.vocab import PAD_INDEX
 
 
 @torch.no_grad()
@@ -25,28 +26,26 @@ def export_run(run_dir: str | Path, out_dir: str | Path, index_params: IndexPara
     num_items = model.config.num_items
     item_vectors = model.output_item_vectors()[: num_items + 1].float().numpy().copy()  # (I+1, D)
     item_vectors[PAD_INDEX] = 0.0
-    item_ids = json.loads((run_dir / "item_ids.json").read_text())
-    data_info = json.loads((run_dir / "data.json").read_text())
-    metrics_path = run_dir / "test_metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    data_info = run_files.read_data_info(run_dir)
+    metrics = run_files.read_test_metrics(run_dir)
     attributes = model.item_attributes[: num_items + 1].numpy() if model.config.num_attributes else None
     return write_artifact(
         out_dir,
         encoder_weights=run_dir / WEIGHTS_FILE,
         item_vectors=item_vectors,
-        item_ids=item_ids,
+        item_ids=run_files.read_item_ids(run_dir),
         item_attributes=attributes,
-        item_popularity=np.load(run_dir / "item_popularity.npy", allow_pickle=False),
+        item_popularity=run_files.read_item_popularity(run_dir),
         index_params=index_params,
         manifest_fields={
             "model_version": new_model_version(name),
-            "data_fingerprint": data_info["fingerprint"],
-            "data": data_info,
+            "data_fingerprint": data_info.fingerprint,
+            "data": asdict(data_info),
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-            "encoder_config": json.loads((run_dir / "encoder_config.json").read_text()),
-            "behavior_names": data_info["behavior_names"],
+            "encoder_config": asdict(model.config),
+            "behavior_names": data_info.behavior_names,
         },
-        transitions=load_run_transitions(run_dir),
+        transitions=run_files.load_run_transitions(run_dir),
     )
 
 

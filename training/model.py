@@ -23,32 +23,22 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from training.artifact import PAD_INDEX
+from seqrank.training.config import Architecture
+from seqrank.training.vocab import PAD_INDEX
 
 CONFIG_FILE = "encoder_config.json"
 WEIGHTS_FILE = "encoder.safetensors"
 CAUSAL_BACKBONES = ("gpt2", "llama")
 
 
-@dataclass(frozen=True)
-class EncoderConfig:
+@dataclass(frozen=True, kw_only=True)
+class EncoderConfig(Architecture):
+    """An encoder as built and exported: the architecture plus the sizes its training data gave."""
+
     num_items: int
     num_behaviors: int = 0  # 0 = the data has no behaviour types
     num_attributes: int = 0  # 0 = no side information
     max_attributes_per_item: int = 0
-    max_len: int = 50
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 1
-    intermediate_size: int = 256
-    dropout: float = 0.5
-    attention_dropout: float = 0.5
-    backbone: str = "gpt2"
-    similarity: str = "dot"  # dot | cosine: L2-normalised user and item vectors, scores divided by temperature
-    temperature: float = 1.0
-    frequency_mix: float = 0.0  # causal only: weight of the low-pass filter path beside attention (0 = off)
-    frequency_cutoff: int = 5  # the filter keeps the lowest frequency_cutoff // 2 + 1 of max_len's frequencies
-    towers: tuple[str, ...] = ()  # causal backbones of an ensemble (EncoderEnsemble); () = one model of `backbone`
 
     def __post_init__(self):
         object.__setattr__(self, "towers", tuple(self.towers))  # JSON gives a list

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.data import Interactions
+from seqrank.training.data import Interactions
 
 CLUSTER_SIZE = 25
 ZIPF_EXPONENT = 1.0  # item weight ∝ popularity rank ** -ZIPF_EXPONENT

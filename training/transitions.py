@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # training.data imports training.artifact, which loads priors from this module
-    from training.data import SequenceData
+    from seqrank.training.data import SequenceData
 
 INDPTR_FILE = "transitions_indptr.npy"
 SUCCESSORS_FILE = "transitions_successors.npy"
@@ -84,7 +84,7 @@ class TransitionPrior:
 
 def count_transitions(data: SequenceData) -> TransitionPrior:
     """Direct successions inside each user's training events (the part before the validation and test items)."""
-    from training.data import history_bounds
+    from seqrank.training.data import history_bounds
 
     start, end = history_bounds(data, "train")
     lengths = np.maximum(end - start - 1, 0)  # pairs per user

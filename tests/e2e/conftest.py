@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.client import RankingClient
-from serving.retry import NO_RETRY
-from serving.deploy import application, apply, localize, preflight, read_serve_config, start_local
+from seqrank.serving.client.ranking_client import RankingClient
+from seqrank.serving.client.retry import NO_RETRY
+from seqrank.serving.ops.deploy import apply, localize, preflight, read_serve_config, start_local
+from seqrank.serving.ops.serve_config_check import application
+from tests.support import free_port
 
 CLUSTER_CPUS = 4  # logical: the replicas ask for 2, the rest is room for Serve's own tasks
 DEPLOY_TIMEOUT_S = 600.0  # a slow start on a loaded CI machine is not a failure; DEPLOY_FAILED still fails at once
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

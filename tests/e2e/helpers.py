@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.history import Event
-from training.export import exact_top_k
-from training.model import encode_histories, load_encoder_dir
+from seqrank.serving.history import Event
+from seqrank.training.export import exact_top_k
+from seqrank.training.model import encode_histories, load_encoder_dir
 
 
 def random_history(item_ids, behavior_names, seed, length=12) -> list[Event]:

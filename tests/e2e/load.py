@@ -13,7 +13,7 @@ from typing import Callable
 import grpc
 from google.protobuf.message import Message
 
-from serving.client import RankingClient
+from seqrank.serving.client.ranking_client import RankingClient
 
 OK = "OK"
 

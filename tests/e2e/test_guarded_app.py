@@ -17,12 +17,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from serving.client import RankingClient
-from serving.deploy import INGRESS_DEPLOYMENT, RETRIEVAL_DEPLOYMENT, application, preflight, submit, wait_until_running
-from serving.generated.seqrank.v1 import ranking_pb2 as pb
-from serving.generated.seqrank.v1 import ranking_pb2_grpc
-from serving.history import Event
-from serving.retry import NO_RETRY, RetryPolicy
+from seqrank.serving.client.ranking_client import RankingClient
+from seqrank.serving.client.retry import NO_RETRY, RetryPolicy
+from seqrank.serving.history import Event
+from seqrank.serving.ops.deploy import preflight, submit, wait_until_running
+from seqrank.serving.ops.serve_config_check import INGRESS_DEPLOYMENT, RETRIEVAL_DEPLOYMENT, application
+from seqrank.v1 import ranking_pb2 as pb
+from seqrank.v1 import ranking_pb2_grpc
 from tests.e2e.conftest import DEPLOY_TIMEOUT_S
 
 GUARDED = "seqrank-guarded"

@@ -17,12 +17,12 @@ import pytest
 from grpc_health.v1 import health_pb2
 from hypothesis import given
 
-from serving.config import AppArgs
-from serving.deploy import application
-from serving.errors import InvalidArgument
-from serving.generated.seqrank.v1 import ranking_pb2 as pb
-from serving.history import Event
-from serving.validation import validate_rank_request, validate_record_events_request
+from seqrank.serving.config import AppArgs
+from seqrank.serving.errors import InvalidArgument
+from seqrank.serving.history import Event
+from seqrank.serving.ops.serve_config_check import application
+from seqrank.serving.validation import validate_rank_request, validate_record_events_request
+from seqrank.v1 import ranking_pb2 as pb
 from tests.hostile import fuzz_settings, rank_requests, record_events_requests
 
 OUTCOMES: Counter = Counter()  # (rpc, status code name) over the module; printed at its end (-s)

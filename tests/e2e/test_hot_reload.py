@@ -13,14 +13,14 @@ import grpc
 import pandas as pd
 import pytest
 
-from serving.client import RankingClient
-from serving.deploy import submit, wait_until_running
-from serving.history import Event
-from serving.retry import NO_RETRY
+from seqrank.serving.client.ranking_client import RankingClient
+from seqrank.serving.client.retry import NO_RETRY
+from seqrank.serving.history import Event
+from seqrank.serving.ops.deploy import submit, wait_until_running
+from seqrank.training.artifact import IndexParams
+from seqrank.training.export import export_run
 from tests.conftest import TINY_OVERRIDES
 from tests.e2e.load import OK, ClosedLoop
-from training.artifact import IndexParams
-from training.export import export_run
 
 AFTER_SWAP_REQUESTS = 20
 LOAD_WORKERS = 4
@@ -131,9 +131,9 @@ def test_broken_artifact_leaves_the_old_version_serving(service, tmp_path, item_
 def renamed_catalogue_artifact(synthetic_dataset, tmp_path_factory):
     """A model trained on the session's log with every odd-numbered item renamed: the two catalogues share only
     the even-numbered items, so a response's items show which catalogue produced them."""
-    from training.config import load_config
-    from training.synthetic import SYNTHETIC_ITEM
-    from training.train import fit
+    from seqrank.training.config import load_config
+    from seqrank.training.synthetic import SYNTHETIC_ITEM
+    from seqrank.training.train import fit
 
     def rename(item_id: str) -> str:
         return RENAMED_PREFIX + item_id if int(SYNTHETIC_ITEM.fullmatch(item_id).group(1)) % 2 else item_id

@@ -23,8 +23,8 @@ import grpc
 import pytest
 import yaml
 
-from tests.e2e.conftest import free_port
 from tests.e2e.helpers import random_history
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "k8s/base/grafana/seqrank-dashboard.json"

@@ -30,13 +30,14 @@ from pathlib import Path
 
 import pytest
 
-from serving.client import RankingClient
-from serving.deploy import application, preflight, submit, wait_until_running
-from serving.generated.seqrank.v1 import ranking_pb2 as pb
-from serving.history import Event, HistoryConfig, SQLiteHistoryStore, open_history_store
+from seqrank.serving.client.ranking_client import RankingClient
+from seqrank.serving.client.retry import NO_RETRY, RetryPolicy
+from seqrank.serving.history import Event, HistoryConfig, SQLiteHistoryStore, open_history_store
+from seqrank.serving.ops.deploy import preflight, submit, wait_until_running
+from seqrank.serving.ops.serve_config_check import application
+from seqrank.v1 import ranking_pb2 as pb
 from tests.e2e.conftest import DEPLOY_TIMEOUT_S
 from tests.e2e.helpers import random_history
-from serving.retry import NO_RETRY, RetryPolicy
 from tests.e2e.load import OK, ClosedLoop
 from tests.serving.conftest import RedisServer, require_redis_server
 from tests.topology import with_deployment_pools

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from serving.generated.seqrank.v1 import ranking_pb2 as pb
-from serving.metrics import ALL_METRICS, VERSION_RETRIES
-from training.metrics import intra_list_diversity
+from seqrank.serving.metrics import ALL_METRICS, VERSION_RETRIES
+from seqrank.training.metrics import intra_list_diversity
+from seqrank.v1 import ranking_pb2 as pb
 from tests.e2e.helpers import exact_ranking, random_history, trained_user_vector
 
 METRICS_DEADLINE_S = 90.0  # Serve pushes replica metrics about every 10 s

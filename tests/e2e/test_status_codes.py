@@ -6,8 +6,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from serving.generated.seqrank.v1 import ranking_pb2 as pb
-from serving.history import Event
+from seqrank.serving.history import Event
+from seqrank.v1 import ranking_pb2 as pb
 
 
 @pytest.fixture

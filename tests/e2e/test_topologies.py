@@ -11,9 +11,10 @@ import copy
 import numpy as np
 import pytest
 
-from serving.catalogue import History
-from serving.deploy import application, plan_shards
-from serving.messages import EncodeRequest
+from seqrank.serving.catalogue import History
+from seqrank.serving.messages import EncodeRequest
+from seqrank.serving.ops.deploy import plan_shards
+from seqrank.serving.ops.serve_config_check import application
 from tests.e2e.helpers import exact_ranking, random_history, trained_user_vector
 from tests.topology import with_deployment_pools
 

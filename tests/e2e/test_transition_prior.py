@@ -9,14 +9,14 @@ import shutil
 import numpy as np
 import pytest
 
-from serving.history import Event
+from seqrank.serving.history import Event
+from seqrank.training.artifact import IndexParams, load_artifact
+from seqrank.training.config import load_config
+from seqrank.training.export import export_run
+from seqrank.training.run_dir import TRANSITIONS_FILE as TRANSITIONS_RUN_FILE
+from seqrank.training.sources import load_sequences
+from seqrank.training.transitions import count_transitions
 from tests.e2e.helpers import exact_ranking, random_history, trained_user_vector
-from training.artifact import IndexParams, load_artifact
-from training.config import load_config
-from training.data import load_sequences
-from training.export import export_run
-from training.train import TRANSITIONS_RUN_FILE
-from training.transitions import count_transitions
 
 WEIGHT = 1.0
 

@@ -13,7 +13,7 @@ import yaml
 
 from tests.k8s.conftest import K8S_DIR, REPO_ROOT
 
-GENERATED = "serving/generated/seqrank/v1/ranking_pb2_grpc.py"
+GENERATED = "seqrank/v1/ranking_pb2_grpc.py"  # protoc's package name is the installed one
 
 
 def test_the_installed_package_imports_the_grpc_modules_outside_the_source_tree(tmp_path):
@@ -27,10 +27,15 @@ def test_the_installed_package_imports_the_grpc_modules_outside_the_source_tree(
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(wheel_dir), str(source)], check=True, timeout=300)
     (wheel,) = wheel_dir.glob("seqrank-*.whl")
-    assert GENERATED in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert GENERATED in names
+    # One import name in site-packages: a user's own `serving` or `training` module can never clash with ours.
+    assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"seqrank"}
+    assert "seqrank/__init__.py" not in names  # a namespace package: seqrank.v1, .serving, .training
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, timeout=300)
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import serving.generated.seqrank.v1.ranking_pb2_grpc as m; "
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import seqrank.v1.ranking_pb2_grpc as m; "
+             "import seqrank.serving.history.redis_store, seqrank.training.artifact, seqrank.serving.app; "
              "print(m.__file__); m.add_RankingServiceServicer_to_server")
     result = subprocess.run([sys.executable, "-c", probe, str(target)], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)

@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from serving import metrics
-from serving.history import HistoryConfig
-from serving.history_redis import _check_redis_url
+from seqrank.serving import metrics
+from seqrank.serving.history import HistoryConfig
+from seqrank.serving.history.redis_store import _check_redis_url
 from tests.k8s.conftest import K8S_DIR, KUSTOMIZATIONS, only, validation_errors
 from tests.k8s.kustomize import build
 
@@ -253,7 +253,7 @@ def test_every_ray_pod_reads_the_history_url_from_the_secret(rendered, kustomiza
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_every_ray_pod_caps_grpc_messages_at_the_serve_config_limit(rendered, kustomization):
-    from serving.config import AppArgs
+    from seqrank.serving.config import AppArgs
 
     rayservice = only(rendered[kustomization], "RayService")
     limit = AppArgs.parse(serve_config_of(rayservice)["applications"][0]["args"]).local.grpc_max_message_bytes

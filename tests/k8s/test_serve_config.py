@@ -1,7 +1,7 @@
 """serveConfigV2: one source (serving/serve_config.yaml + overrides), no drift, and a strict key check.
 
 Ray's ServeDeploySchema ignores unknown keys, so a misspelled `max_ongoing_request` would deploy with the default
-without a word; `serving.k8s_render.check_serve_config` rejects it.
+without a word; `seqrank.serving.ops.k8s_render.check_serve_config` rejects it.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serving import k8s_render
-from serving.k8s_render import RENDER_TARGETS, SERVE_CONFIG, check_serve_config, merge_overrides, unknown_keys
-from tests.k8s.conftest import only
+from seqrank.serving.ops import k8s_render
+from seqrank.serving.ops.k8s_render import RENDER_TARGETS, SERVE_CONFIG, merge_overrides
+from seqrank.serving.ops.serve_config_check import check_serve_config, unknown_keys
+from tests.k8s.conftest import K8S_DIR, only
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +27,11 @@ def local_config() -> dict:
 def pool_config() -> dict:
     """The base Kubernetes config: it has the autoscaled Encoder pool, which the local config runs in the ingress."""
     (base,) = [target for target in RENDER_TARGETS if target.directory == "base"]
-    return k8s_render.render_serve_config(base)
+    return k8s_render.render_serve_config(base, k8s_dir=K8S_DIR)
 
 
 def test_committed_serve_config_v2_patches_match_a_fresh_render():
-    stale = k8s_render.stale_patches()
+    stale = k8s_render.stale_patches(K8S_DIR)
     assert not stale, f"stale {sorted(str(path) for path in stale)}: run `python -m serving.k8s_render`"
 
 
@@ -39,7 +40,7 @@ def test_committed_serve_config_v2_patches_match_a_fresh_render():
 def test_each_rendered_rayservice_carries_the_serve_config_of_its_target(rendered, kustomization, target):
     (render_target,) = [t for t in RENDER_TARGETS if t.directory == target]
     serve_config_v2 = yaml.safe_load(only(rendered[kustomization], "RayService")["spec"]["serveConfigV2"])
-    assert serve_config_v2 == k8s_render.render_serve_config(render_target)
+    assert serve_config_v2 == k8s_render.render_serve_config(render_target, k8s_dir=K8S_DIR)
     check_serve_config(serve_config_v2)
 
 
@@ -58,10 +59,10 @@ def test_overrides_change_only_what_they_name(local_config):
         return {(where, yaml.safe_dump(value))}
 
     for target in RENDER_TARGETS:
-        changed = leaves(k8s_render.render_serve_config(target)) - leaves(local_config)
+        changed = leaves(k8s_render.render_serve_config(target, k8s_dir=K8S_DIR)) - leaves(local_config)
         overridden = set()
         for directory in target.override_dirs:
-            overrides = yaml.safe_load((k8s_render.K8S_DIR / directory / k8s_render.OVERRIDES_FILE).read_text())
+            overrides = yaml.safe_load((K8S_DIR / directory / k8s_render.OVERRIDES_FILE).read_text())
             overridden |= {where for where, _ in leaves(overrides)}
         assert {where for where, _ in changed} <= overridden, target.directory
 
@@ -140,7 +141,7 @@ def test_the_apps_own_args_and_user_config_are_checked_strictly(local_config, wh
 def test_an_override_naming_a_deployment_the_topology_does_not_bind_fails_loudly(tmp_path):
     """Overrides may add deployments (Kubernetes adds the Encoder and Retrieval pools), so a misspelled name is
     caught by the topology check of the render."""
-    overrides = yaml.safe_load((k8s_render.K8S_DIR / "base" / k8s_render.OVERRIDES_FILE).read_text())
+    overrides = yaml.safe_load((K8S_DIR / "base" / k8s_render.OVERRIDES_FILE).read_text())
     overrides["applications"][0]["deployments"].append({"name": "Encodr", "num_replicas": 2})
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / k8s_render.OVERRIDES_FILE).write_text(yaml.safe_dump(overrides))
@@ -155,7 +156,7 @@ def test_kubernetes_runs_the_encoder_and_retrieval_pools_and_prod_gives_the_enco
     local_args = local_config["applications"][0]["args"]
     assert (local_args["encoder"]["placement"], local_args["retrieval"]["placement"]) == ("ingress", "ingress")
     for target in RENDER_TARGETS:
-        (app,) = k8s_render.render_serve_config(target)["applications"]
+        (app,) = k8s_render.render_serve_config(target, k8s_dir=K8S_DIR)["applications"]
         assert app["args"]["encoder"]["placement"] == app["args"]["retrieval"]["placement"] == "deployment"
         deployments = {d["name"]: d for d in app["deployments"]}
         assert set(deployments) == {"RankingIngress", "Encoder", "Retrieval"}, target.directory

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.artifact import IndexParams, write_artifact
+from seqrank.training.artifact import IndexParams, write_artifact
 
 NUM_ITEMS = 12
 DIM = 4

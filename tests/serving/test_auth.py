@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from serving.auth import MIN_TOKEN_LENGTH, AuthConfig, BearerAuth, authenticator, load_tokens, parse_tokens
-from serving.config import AppArgs
-from serving.errors import RpcHooks, Unauthenticated, rpc_method
-from serving.generated.seqrank.v1 import ranking_pb2
-from tests.serving.test_errors import FakeContext
+from seqrank.serving.auth import MIN_TOKEN_LENGTH, AuthConfig, BearerAuth, authenticator, load_tokens, parse_tokens
+from seqrank.serving.config import AppArgs
+from seqrank.serving.errors import RpcHooks, Unauthenticated, rpc_method
+from seqrank.v1 import ranking_pb2
+from tests.support import FakeContext
 
 OLD, NEW = "old-token-0123456789abcdef", "new-token-fedcba9876543210"
 FIXED_REASONS = {"missing; send metadata 'authorization: Bearer <token>'", "must be 'Bearer <token>'",

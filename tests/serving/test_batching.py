@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from serving.batching import count_items, flatten, group_by_model, split
+from seqrank.serving.batching import count_items, flatten, group_by_model, split
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def test_group_by_model_keeps_first_seen_order():
 
 import asyncio  # noqa: E402
 
-from serving.batching import SlotBatcher  # noqa: E402
+from seqrank.serving.batching import SlotBatcher  # noqa: E402
 
 
 class GatedHandler:

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from serving.bench_ann import bench_ann, clustered_vectors, exact_top_k, recall_at_k, split_queries
-from serving.bench_mmr import bench_mmr
-from training.artifact import augment_items, augment_queries
+from seqrank.serving.bench.ann import bench_ann, clustered_vectors, exact_top_k, recall_at_k, split_queries
+from seqrank.serving.bench.mmr import bench_mmr
+from seqrank.training.artifact import augment_items, augment_queries
 
 
 def test_recall_counts_shared_labels_whatever_their_order():
@@ -31,7 +31,7 @@ def test_exact_search_ranks_by_inner_product_not_distance():
 
 
 def test_exact_search_in_chunks_equals_one_matrix_product(monkeypatch):
-    import serving.bench_ann as bench
+    import seqrank.serving.bench.ann as bench
 
     rng = np.random.default_rng(0)
     items, queries = rng.standard_normal((500, 8)).astype(np.float32), rng.standard_normal((37, 8)).astype(np.float32)

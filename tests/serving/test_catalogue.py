@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from serving.catalogue import NO_BEHAVIOR_INDEX, Catalogue, History
+from seqrank.serving.catalogue import NO_BEHAVIOR_INDEX, Catalogue, History
+from seqrank.training.artifact import load_artifact
 from tests.serving.artifacts import write_small_artifact
-from training.artifact import load_artifact
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,12 @@ import socket
 
 import pytest
 
-from serving.cli import build_parser, format_response, main, parse_event
-from serving.client import as_dict
-from serving.generated.seqrank.v1 import ranking_pb2 as pb
-from serving.history import Event
+from seqrank.serving.cli import build_parser, main
+from seqrank.serving.cli.client import parse_event
+from seqrank.serving.cli.render import format_response
+from seqrank.serving.client.ranking_client import as_dict
+from seqrank.serving.history import Event
+from seqrank.v1 import ranking_pb2 as pb
 
 
 def test_parse_event_reads_item_behaviour_and_timestamp():

@@ -13,12 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from serving.cli import TOKEN_ENV, build_parser, client_of, main
-from serving.client import IDEMPOTENCY_KEY_PREFIX, RankingClient, TlsConfig
-from serving.generated.seqrank.v1 import ranking_pb2 as pb
-from serving.generated.seqrank.v1 import ranking_pb2_grpc
-from serving.history import Event
-from serving.retry import RetryPolicy
+from seqrank.serving.cli import build_parser, main
+from seqrank.serving.cli.client import TOKEN_ENV, client_of
+from seqrank.serving.client.ranking_client import IDEMPOTENCY_KEY_PREFIX, RankingClient, TlsConfig
+from seqrank.serving.client.retry import RetryPolicy
+from seqrank.serving.history import Event
+from seqrank.v1 import ranking_pb2 as pb
+from seqrank.v1 import ranking_pb2_grpc
 
 FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01)
 TOKEN = "client-test-token-0123456789"
@@ -280,7 +281,7 @@ def test_cli_client_flags():
 
 
 def test_the_load_generator_retries_rank_like_the_client(scripted):
-    from serving.loadgen import grpc_caller_factory
+    from seqrank.serving.bench.loadgen import grpc_caller_factory
 
     servicer, target = scripted
     servicer.failures = [C.RESOURCE_EXHAUSTED, C.UNAVAILABLE]

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serving.config import SERVE_CONFIG_PATH, AppArgs, ModelUserConfig
+from seqrank.serving.config import SERVE_CONFIG_PATH, AppArgs, ModelUserConfig
 
 
 def committed_args() -> dict:
@@ -61,7 +61,7 @@ def test_model_user_config_requires_exactly_an_artifact_path():
 
 def test_the_largest_request_the_limits_allow_fits_the_proxy_message_limit():
     """local.grpc_max_message_bytes must never refuse a valid request: ids at max_id_length of 4-byte characters."""
-    from serving.generated.seqrank.v1 import ranking_pb2 as pb
+    from seqrank.v1 import ranking_pb2 as pb
 
     args = AppArgs.parse(committed_args())
     limits, widest = args.ingress.limits, "🙂" * args.ingress.limits.max_id_length

@@ -5,13 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from serving.deploy import (
-    MODEL_DEPLOYMENTS, ConfigError, application, bound_deployments, localize, preflight, read_serve_config,
-)
-from serving.health import HEALTH_SERVICER_FUNCTION
+from seqrank.serving.health import HEALTH_SERVICER_FUNCTION
+from seqrank.serving.ops.deploy import localize, preflight, read_serve_config
+from seqrank.serving.ops.serve_config_check import MODEL_DEPLOYMENTS, ConfigError, application, bound_deployments
+from seqrank.training.artifact import ArtifactError
 from tests.serving.artifacts import write_small_artifact
 from tests.topology import with_deployment_pools
-from training.artifact import ArtifactError
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +37,10 @@ def test_committed_config_serves_both_grpc_services_with_a_route_prefix():
     config = read_serve_config()
     servicers = config["grpc_options"]["grpc_servicer_functions"]
     assert HEALTH_SERVICER_FUNCTION in servicers
-    assert "serving.generated.seqrank.v1.ranking_pb2_grpc.add_RankingServiceServicer_to_server" in servicers
+    assert "seqrank.v1.ranking_pb2_grpc.add_RankingServiceServicer_to_server" in servicers
     assert config["grpc_options"]["port"] == 9000 and config["grpc_options"]["enable_reflection"] is True
     app = application(config)
-    assert app["route_prefix"] and app["import_path"] == "serving.app:build_app"
+    assert app["route_prefix"] and app["import_path"] == "seqrank.serving.app:build_app"
     by_name = deployments(config)
     assert set(by_name) == {"RankingIngress"}  # encoder, retrieval and MMR run inside the ingress
     assert all(d["max_ongoing_requests"] > 5 and d["max_queued_requests"] > 0 for d in by_name.values())

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from serving.encoder import BF16_MIN_WIDTH, Placement, choose_placement, torch_threads, weight_dtype
-from training.model import EncoderConfig, SequenceEncoder, encode_histories
+from seqrank.serving.encoder import BF16_MIN_WIDTH, Placement, choose_placement, torch_threads, weight_dtype
+from seqrank.training.model import EncoderConfig, SequenceEncoder, encode_histories
 
 
 @pytest.mark.parametrize(

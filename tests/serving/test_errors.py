@@ -7,8 +7,8 @@ import logging
 import grpc
 import pytest
 
-from serving import errors
-from serving.errors import (
+from seqrank.serving import errors
+from seqrank.serving.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -18,25 +18,8 @@ from serving.errors import (
     Unavailable,
     rpc_method,
 )
-from serving.generated.seqrank.v1 import ranking_pb2
-
-
-class FakeContext:
-    """Records what RayServegRPCContext would carry back to the proxy."""
-
-    def __init__(self, metadata=()):
-        self.code = None
-        self.details = None
-        self.metadata = list(metadata)
-
-    def set_code(self, code):
-        self.code = code
-
-    def set_details(self, details):
-        self.details = details
-
-    def invocation_metadata(self):
-        return self.metadata
+from seqrank.v1 import ranking_pb2
+from tests.support import FakeContext
 
 
 class Ingress:
@@ -106,7 +89,7 @@ def test_invalid_argument_message_format():
 
 def test_unexpected_error_is_internal_without_leaking_and_logged_with_traceback(caplog):
     secret = "password=hunter2 at /srv/secret/path"
-    with caplog.at_level(logging.ERROR, logger="serving.errors"):
+    with caplog.at_level(logging.ERROR, logger="seqrank.serving.errors"):
         response, context = call(Ingress(raising(KeyError(secret))))
     assert context.code == grpc.StatusCode.INTERNAL
     assert secret not in context.details and "hunter2" not in context.details

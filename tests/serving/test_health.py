@@ -3,8 +3,8 @@
 import pytest
 from grpc_health.v1 import health_pb2
 
-from serving.errors import NotFound
-from serving.health import RANKING_SERVICE, check
+from seqrank.serving.errors import NotFound
+from seqrank.serving.health import RANKING_SERVICE, check
 
 
 @pytest.mark.parametrize("service", ["", RANKING_SERVICE])

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.errors import FailedPrecondition, Unavailable
-from serving.history import (
+from seqrank.serving.errors import FailedPrecondition, Unavailable
+from seqrank.serving.history import (
     AppendResult,
     Event,
     HistoryConfig,
@@ -23,7 +23,7 @@ from serving.history import (
     open_history_store,
     resolve_history_url,
 )
-from serving.history_redis import KEY_PREFIX, RedisHistoryStore
+from seqrank.serving.history.redis_store import KEY_PREFIX, RedisHistoryStore
 
 
 class FakeClock:
@@ -365,7 +365,7 @@ def test_redis_acknowledged_appends_survive_kill_9_and_a_restart(new_redis_serve
 
 
 def test_redis_unreachable_is_unavailable_naming_the_server_not_the_password():
-    from tests.serving.conftest import free_port
+    from tests.support import free_port
 
     port = free_port()  # nothing listens there
     store = RedisHistoryStore(HistoryConfig(url=f"redis://:hunter2@127.0.0.1:{port}/0", busy_timeout_s=0.5))

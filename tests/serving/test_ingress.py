@@ -2,14 +2,14 @@
 
 import pytest
 
-from serving.catalogue import Catalogue, History
-from serving.errors import NotFound
-from serving.generated.seqrank.v1 import ranking_pb2 as pb
-from serving.ingress import StageClock, choose_source, fallback_list, model_info, rank_response
-from serving.messages import RankedItem, RankedList
-from serving.validation import Limits, validate_rank_request
+from seqrank.serving.catalogue import Catalogue, History
+from seqrank.serving.errors import NotFound
+from seqrank.serving.ingress import StageClock, choose_source, fallback_list, model_info, rank_response
+from seqrank.serving.messages import RankedItem, RankedList
+from seqrank.serving.validation import Limits, validate_rank_request
+from seqrank.training.artifact import load_artifact
+from seqrank.v1 import ranking_pb2 as pb
 from tests.serving.artifacts import BEHAVIORS, write_small_artifact
-from training.artifact import load_artifact
 
 
 class RecordingMetrics:
@@ -82,25 +82,12 @@ import asyncio  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from serving.config import EncoderArgs, IngressArgs, RetrievalArgs  # noqa: E402
-from serving.history import HistoryConfig  # noqa: E402
-from serving.ingress import RankingIngress  # noqa: E402
-from serving.messages import CandidateSet, EncodedUser  # noqa: E402
-from serving.reload import VersionUnavailable  # noqa: E402
-
-
-class FakeContext:
-    def __init__(self):
-        self.code, self.details = None, None
-
-    def set_code(self, code):
-        self.code = code
-
-    def set_details(self, details):
-        self.details = details
-
-    def invocation_metadata(self):
-        return ()
+from seqrank.serving.config import EncoderArgs, IngressArgs, RetrievalArgs  # noqa: E402
+from seqrank.serving.history import HistoryConfig  # noqa: E402
+from seqrank.serving.ingress import RankingIngress  # noqa: E402
+from seqrank.serving.messages import CandidateSet, EncodedUser  # noqa: E402
+from seqrank.serving.reload import VersionUnavailable  # noqa: E402
+from tests.support import FakeContext  # noqa: E402
 
 
 class Remote:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from serving.loadgen import LatencyStats, error_code, format_report, nearest_rank, ratios, run_closed_loop
+from seqrank.serving.bench.loadgen import LatencyStats, error_code, format_report, nearest_rank, ratios, run_closed_loop
 
 
 def test_nearest_rank_percentiles_of_1_to_100():

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from serving.metrics import ALL_METRICS, RAY_PREFIX
+from seqrank.serving.metrics import ALL_METRICS, RAY_PREFIX
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 

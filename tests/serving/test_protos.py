@@ -1,29 +1,33 @@
 """The committed generated code matches the .proto, imports from the package, and round-trips over gRPC."""
 
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
 
-from serving import protogen
-from serving.generated.seqrank.v1 import ranking_pb2, ranking_pb2_grpc
+from seqrank.serving.ops import protogen
+from seqrank.v1 import ranking_pb2, ranking_pb2_grpc
+
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_generated_code_matches_a_fresh_generation(tmp_path):
-    fresh_files = protogen.generate(tmp_path / "generated")
+    fresh_files = protogen.generate(tmp_path / "generated", proto_root=CHECKOUT / protogen.PROTO_ROOT)
+    committed_dir = CHECKOUT / protogen.GENERATED_DIR
     fresh = {path.relative_to(tmp_path / "generated"): path.read_bytes() for path in fresh_files}
     committed = {
-        path.relative_to(protogen.GENERATED_DIR): path.read_bytes()
-        for path in protogen.GENERATED_DIR.rglob("*")
+        path.relative_to(committed_dir): path.read_bytes()
+        for path in committed_dir.rglob("*")
         if path.is_file() and "__pycache__" not in path.parts
     }
-    assert sorted(map(str, committed)) == sorted(map(str, fresh)), "run `python -m serving.protogen`"
+    assert sorted(map(str, committed)) == sorted(map(str, fresh)), "run `python -m seqrank.serving.ops.protogen`"
     stale = [str(name) for name in fresh if fresh[name] != committed[name]]
-    assert not stale, f"{stale} differ from a fresh generation: run `python -m serving.protogen`"
+    assert not stale, f"{stale} differ from a fresh generation: run `python -m seqrank.serving.ops.protogen`"
 
 
 def test_grpc_module_imports_its_messages_through_the_package():
-    # Ray Serve proxies import the servicer module by its package path; a top-level `seqrank` import would fail.
+    # Ray Serve proxies import the servicer module by its installed name, seqrank.v1, which is protoc's own.
     assert ranking_pb2_grpc.seqrank_dot_v1_dot_ranking__pb2 is ranking_pb2
     assert ranking_pb2.DESCRIPTOR.name == "seqrank/v1/ranking.proto"
 

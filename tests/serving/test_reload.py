@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from serving.errors import Unavailable
-from serving.reload import ModelSlot, VersionUnavailable
+from seqrank.serving.errors import Unavailable
+from seqrank.serving.reload import ModelSlot, VersionUnavailable
 from tests.serving.artifacts import write_small_artifact
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from serving.rerank import explanation, mmr, normalise_relevance, supporting_history, unit_rows
+from seqrank.serving.rerank import explanation, mmr, normalise_relevance, supporting_history, unit_rows
 
 
 def intra_list_diversity(vectors):
@@ -102,9 +102,9 @@ def test_explanation_uses_the_behaviour_verb():
 
 # `rerank`: MMR applied to a retrieval CandidateSet, with explanations.
 
-from serving.catalogue import History  # noqa: E402
-from serving.messages import CandidateSet  # noqa: E402
-from serving.rerank import rerank  # noqa: E402
+from seqrank.serving.catalogue import History  # noqa: E402
+from seqrank.serving.messages import CandidateSet  # noqa: E402
+from seqrank.serving.rerank import rerank  # noqa: E402
 
 
 def candidate_set(num_candidates=6, history_ids=("h-1", "h-2"), seed=0):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from serving.retrieval import fetch_size, filter_candidates, ip_scores
+from seqrank.serving.retrieval import fetch_size, filter_candidates, ip_scores
 
 
 def test_filter_keeps_order_and_drops_excluded():
@@ -63,11 +63,11 @@ def test_ip_scores_undo_hnswlib_distance():
 
 # The retrieval stage's pure parts: the cold-start list and the exclusion set under one catalogue.
 
-from serving.catalogue import Catalogue  # noqa: E402
-from serving.retrieval import LoadedIndex, excluded_indices, popular_candidates  # noqa: E402
+from seqrank.serving.catalogue import Catalogue  # noqa: E402
+from seqrank.serving.retrieval import LoadedIndex, excluded_indices, popular_candidates  # noqa: E402
+from seqrank.training.artifact import load_artifact  # noqa: E402
+from seqrank.training.export import exact_top_k  # noqa: E402
 from tests.serving.artifacts import write_small_artifact  # noqa: E402
-from training.artifact import load_artifact  # noqa: E402
-from training.export import exact_top_k  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +102,12 @@ def test_loaded_index_answers_like_exact_search(small_artifact):
 
 # The item-to-item transition prior in retrieval: the same scores offline evaluation ranks by.
 
-from serving.catalogue import History  # noqa: E402
-from serving.config import RetrievalArgs  # noqa: E402
-from serving.messages import EncodedUser, RetrievalRequest  # noqa: E402
-from serving.retrieval import RetrievalStage, add_transition_prior  # noqa: E402
+from seqrank.serving.catalogue import History  # noqa: E402
+from seqrank.serving.config import RetrievalArgs  # noqa: E402
+from seqrank.serving.messages import EncodedUser, RetrievalRequest  # noqa: E402
+from seqrank.serving.retrieval import RetrievalStage, add_transition_prior  # noqa: E402
+from seqrank.training.transitions import TransitionPrior  # noqa: E402
 from tests.serving.stubs import StubMetrics  # noqa: E402
-from training.transitions import TransitionPrior  # noqa: E402
 
 
 def small_prior(weight: float) -> TransitionPrior:

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from serving.retry import NO_RETRY, RetryPolicy, call_with_retry
+from seqrank.serving.client.retry import NO_RETRY, RetryPolicy, call_with_retry
 
 POLICY = RetryPolicy(max_attempts=7, initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0)
 

@@ -10,19 +10,26 @@ import hnswlib
 import numpy as np
 import pytest
 
-from serving.catalogue import History
-from serving.config import AppArgs, RetrievalArgs
-from serving.deploy import application, bound_deployments, localize, preflight, read_serve_config
-from serving.messages import EncodedUser, RetrievalRequest
-from serving.retrieval import RetrievalStage
-from serving.shards import (
-    RemoteShards, ShardedIndex, ShardIndex, estimate_index_bytes, index_file_bytes, merge_top_k, plan_num_shards,
+from seqrank.serving.catalogue import History
+from seqrank.serving.config import AppArgs, RetrievalArgs
+from seqrank.serving.messages import EncodedUser, RetrievalRequest
+from seqrank.serving.ops.deploy import localize, preflight, read_serve_config
+from seqrank.serving.ops.serve_config_check import application, bound_deployments
+from seqrank.serving.retrieval import RetrievalStage
+from seqrank.serving.shards import (
+    RemoteShards,
+    ShardedIndex,
+    ShardIndex,
+    estimate_index_bytes,
+    index_file_bytes,
+    merge_top_k,
+    plan_num_shards,
     shard_items,
 )
+from seqrank.training.artifact import IndexParams, load_artifact, write_artifact
+from seqrank.training.export import exact_top_k
 from tests.serving.stubs import StubMetrics
 from tests.topology import with_deployment_pools
-from training.artifact import IndexParams, load_artifact, write_artifact
-from training.export import exact_top_k
 
 NUM_ITEMS, DIM = 600, 16
 

@@ -4,16 +4,16 @@ import math
 
 import pytest
 
-from serving.errors import InvalidArgument
-from serving.generated.seqrank.v1 import ranking_pb2 as pb
-from serving.history import Event, UserEvents
-from serving.validation import (
+from seqrank.serving.errors import InvalidArgument
+from seqrank.serving.history import Event, UserEvents
+from seqrank.serving.validation import (
     MAX_TIMESTAMP_S,
     EventBatch,
     Limits,
     validate_rank_request,
     validate_record_events_request,
 )
+from seqrank.v1 import ranking_pb2 as pb
 
 LIMITS = Limits(max_k=50, max_candidates=300, max_inline_events=5, max_exclude_ids=3, max_events_per_call=6,
                 max_users_per_call=2, max_id_length=16, default_k=10, default_candidates=100, default_diversity=0.25)

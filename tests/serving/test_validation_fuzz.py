@@ -9,8 +9,8 @@ import re
 import pytest
 from hypothesis import event, given
 
-from serving.errors import MAX_DETAILS_CHARS, InvalidArgument, status_details
-from serving.validation import MAX_TIMESTAMP_S, Limits, validate_rank_request, validate_record_events_request
+from seqrank.serving.errors import MAX_DETAILS_CHARS, InvalidArgument, status_details
+from seqrank.serving.validation import MAX_TIMESTAMP_S, Limits, validate_rank_request, validate_record_events_request
 from tests.hostile import fuzz_settings, rank_requests, record_events_requests
 
 KNOWN = [f"sku-{i}" for i in range(1, 40)]
@@ -81,7 +81,7 @@ def test_record_events_requests_are_a_bounded_batch_or_name_their_field(request)
 
 
 def test_a_huge_unknown_behaviour_is_echoed_cut_short():
-    from serving.generated.seqrank.v1 import ranking_pb2 as pb
+    from seqrank.v1 import ranking_pb2 as pb
 
     request = pb.RankRequest(user_id="u1", recent_events=[pb.Event(item_id="sku-1", behavior="x" * 100_000)])
     with pytest.raises(InvalidArgument) as error:
@@ -91,7 +91,7 @@ def test_a_huge_unknown_behaviour_is_echoed_cut_short():
 
 
 def test_field_paths_resolve_and_bad_ones_do_not():
-    from serving.generated.seqrank.v1 import ranking_pb2 as pb
+    from seqrank.v1 import ranking_pb2 as pb
 
     request = pb.RecordEventsRequest(users=[pb.UserEvents(user_id="u", events=[pb.Event(item_id="a")])])
     assert field_value(request, "users[0].events[0].item_id") == "a"

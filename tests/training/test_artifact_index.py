@@ -8,10 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from training.artifact import (
-    IndexParams, augment_items, augment_queries, build_hnsw_index, load_artifact, write_artifact,
+from seqrank.training.artifact import (
+    IndexParams,
+    augment_items,
+    augment_queries,
+    build_hnsw_index,
+    load_artifact,
+    write_artifact,
 )
-from training.export import exact_top_k
+from seqrank.training.export import exact_top_k
 
 
 def clustered(num_items: int, dim: int, seed: int) -> np.ndarray:

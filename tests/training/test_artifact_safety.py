@@ -12,9 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.artifact import (
-    ENCODER_FILE, INDEX_FILE, ITEM_ATTRIBUTES_FILE, ITEM_IDS_FILE, ITEM_POPULARITY_FILE, ITEM_VECTORS_FILE,
-    MANIFEST_FILE, ArtifactError, load_artifact, sha256_file,
+from seqrank.training.artifact import (
+    ENCODER_FILE,
+    INDEX_FILE,
+    ITEM_ATTRIBUTES_FILE,
+    ITEM_IDS_FILE,
+    ITEM_POPULARITY_FILE,
+    ITEM_VECTORS_FILE,
+    MANIFEST_FILE,
+    ArtifactError,
+    load_artifact,
+    sha256_file,
 )
 
 REPO = Path(__file__).resolve().parents[2]

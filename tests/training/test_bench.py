@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from serving.cli import main
-from training.bench import ENCODER_PRESETS, encoder_flops_per_sequence, training_workload
-from training.config import load_config
-from training.data import load_sequences
-from training.model import EncoderConfig
+from seqrank.serving.bench.train_speed import ENCODER_PRESETS, encoder_flops_per_sequence, training_workload
+from seqrank.serving.cli import main
+from seqrank.training.config import load_config
+from seqrank.training.model import EncoderConfig
+from seqrank.training.sources import load_sequences
 
 TINY_TRAIN = ["data.synthetic_users=300", "data.synthetic_items=100", "model.hidden_size=16",
               "model.intermediate_size=32", "optim.batch_size=64", "optim.num_threads=1"]

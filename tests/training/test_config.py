@@ -2,7 +2,7 @@
 
 import pytest
 
-from training.config import ConfigError, load_config
+from seqrank.training.config import ConfigError, load_config
 
 
 def test_default_config_loads_and_override_applies(tmp_path):

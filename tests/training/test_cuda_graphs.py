@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from training.batches import causal_train_batches, pad_to_shape
-from training.config import ConfigError, load_config
-from training.data import load_sequences
-from training.train import TrainingObjective, TrainingStep, Worker, batch_loss, build_encoder, build_optimizers, \
-    encoder_config_for
+from seqrank.training.batches import causal_train_batches, pad_to_shape
+from seqrank.training.config import ConfigError, load_config
+from seqrank.training.sources import load_sequences
+from seqrank.training.step import TrainingObjective, TrainingStep, Worker, batch_loss, build_optimizers
+from seqrank.training.train import build_encoder, encoder_config_for
 
 OVERRIDES = ["data.synthetic_users=200", "data.synthetic_items=80", "model.towers=[gpt2, llama]",
              "optim.mask_history=true", "model.max_len=20"]
@@ -89,7 +89,7 @@ def test_graphed_loss_captures_once_per_padded_shape_and_computes_the_eager_loss
     callable (behaviour types included), the loss it returns. torch.cuda.make_graphed_callables cannot run without
     a GPU, so it is replaced here by a stand-in that records each capture and runs the module eagerly; the real
     capture is tested by test_graphed_steps_train_like_eager_steps_on_cuda on a GPU."""
-    from training import cuda_graphs
+    from seqrank.training import cuda_graphs
 
     captured = []
 

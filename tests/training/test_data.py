@@ -1,4 +1,4 @@
-"""training.data: the three formats, preprocessing rules, id maps, leave-one-out, and every bad-input message."""
+"""seqrank.training.data: the three formats, preprocessing rules, id maps, leave-one-out, and every bad-input message."""
 
 import gzip
 import logging
@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.artifact import PAD_INDEX
-from training.config import DataConfig
-from training.data import (
+from seqrank.training.config import DataConfig
+from seqrank.training.data import (
     DataError,
     Interactions,
     build_sequences,
@@ -19,10 +18,11 @@ from training.data import (
     history_bounds,
     load_attributes,
     load_interactions,
-    load_sequences,
     targets,
 )
-from training.synthetic import generate_log
+from seqrank.training.sources import load_sequences
+from seqrank.training.synthetic import generate_log
+from seqrank.training.vocab import PAD_INDEX
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 BEAUTY = SHARED_DATA / "amazon-beauty" / "Beauty.txt"
@@ -163,7 +163,7 @@ def test_kcore_invariant_on_synthetic_log():
 
 def test_users_below_three_events_dropped_and_counted(caplog):
     rows = [("a", "x", 0), ("a", "y", 1), ("a", "z", 2), ("b", "x", 0), ("c", "x", 0), ("c", "y", 1)]
-    with caplog.at_level(logging.INFO, logger="training.data"):
+    with caplog.at_level(logging.INFO, logger="seqrank.training.data"):
         data = build_sequences(interactions(rows, behaviors=False))
     assert list(data.user_ids) == ["a"]
     assert "2 users" in caplog.text

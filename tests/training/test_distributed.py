@@ -22,13 +22,13 @@ import sys
 import numpy as np
 import pytest
 
-from training.batches import Shard, causal_train_batches, shard_batches
-from training.config import load_config
-from training.data import build_sequences, history_bounds
-from training.evaluate import evaluate_popularity
-from training.model import EncoderConfig
-from training.synthetic import generate_log
-from training.train import fit
+from seqrank.training.batches import Shard, causal_train_batches, shard_batches
+from seqrank.training.config import load_config
+from seqrank.training.data import build_sequences, history_bounds
+from seqrank.training.evaluate import Evaluation, evaluate_popularity
+from seqrank.training.model import EncoderConfig
+from seqrank.training.synthetic import generate_log
+from seqrank.training.train import fit
 from tests.conftest import TINY_OVERRIDES
 
 NDCG_TOLERANCE = 0.015
@@ -65,17 +65,17 @@ def test_every_training_user_lands_in_exactly_one_worker_shard_per_epoch():
 def test_ray_train_with_two_workers_matches_single_process_training(tmp_path):
     overrides = TINY_OVERRIDES  # the synthetic generator itself: data.path stays empty
     local = fit(load_config(None, overrides), tmp_path / "local", progress=False)
-    command = [sys.executable, "-m", "serving.cli", "train", "--quiet", "--out", str(tmp_path / "ray"),
+    command = [sys.executable, "-m", "seqrank.serving.cli", "train", "--quiet", "--out", str(tmp_path / "ray"),
                *[arg for o in overrides for arg in ("--set", o)], "--set", "distributed.backend=ray",
                "--set", "distributed.num_workers=2"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=540)
     assert finished.returncode == 0, finished.stderr[-3000:]
     distributed = json.loads((tmp_path / "ray" / "test_metrics.json").read_text())
 
-    assert distributed["workers"] == 2 and local["workers"] == 1
+    assert distributed["workers"] == 2 and local.workers == 1
     assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == sorted(p.name for p in (tmp_path / "local").iterdir())
     epochs = [json.loads(line) for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
     assert len(epochs) == distributed["epochs_run"] and all(np.isfinite(e["loss"]) for e in epochs)
-    popular = evaluate_popularity(build_sequences(generate_log(800, 200, 0)), "test", [10])["NDCG@10"]
-    assert local["NDCG@10"] > 2 * popular and distributed["NDCG@10"] > 2 * popular, (local, distributed, popular)
-    assert abs(distributed["NDCG@10"] - local["NDCG@10"]) <= NDCG_TOLERANCE, (distributed["NDCG@10"], local["NDCG@10"])
+    popular = evaluate_popularity(build_sequences(generate_log(800, 200, 0)), "test", Evaluation(ks=(10,)))["NDCG@10"]
+    assert local.test["NDCG@10"] > 2 * popular and distributed["NDCG@10"] > 2 * popular, (local.test, distributed, popular)
+    assert abs(distributed["NDCG@10"] - local.test["NDCG@10"]) <= NDCG_TOLERANCE, (distributed["NDCG@10"], local)

@@ -3,13 +3,14 @@
 import numpy as np
 import torch
 
-from training.artifact import load_artifact
-from training.config import load_config
-from training.export import export_run
-from training.model import EncoderConfig, EncoderEnsemble, encode_histories, load_encoder
-from training.train import batch_loss, fit
-from training.batches import causal_train_batches
-from training.data import load_sequences
+from seqrank.training.artifact import load_artifact
+from seqrank.training.batches import causal_train_batches
+from seqrank.training.config import load_config
+from seqrank.training.export import export_run
+from seqrank.training.model import EncoderConfig, EncoderEnsemble, encode_histories, load_encoder
+from seqrank.training.sources import load_sequences
+from seqrank.training.step import batch_loss
+from seqrank.training.train import fit
 
 
 def test_ensemble_score_is_the_sum_of_its_towers_scores():
@@ -55,9 +56,9 @@ def test_ensemble_trains_exports_and_serves_the_same_vectors(tmp_path):
 def test_separately_trained_runs_evaluate_as_one_ensemble(tmp_path, tiny_run, synthetic_dataset, capsys):
     import json
 
-    from serving.cli import main
+    from seqrank.serving.cli import main
+    from seqrank.training.model import load_encoder_dir
     from tests.conftest import TINY_OVERRIDES
-    from training.model import load_encoder_dir
 
     events, attributes = synthetic_dataset
     config = load_config(None, TINY_OVERRIDES + [f"data.path={events}", f"data.attributes={attributes}",

@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from training.artifact import ArtifactError, load_artifact
-from training.export import exact_top_k
-from training.model import encode_histories, load_encoder, load_encoder_dir
+from seqrank.training.artifact import ArtifactError, load_artifact
+from seqrank.training.export import exact_top_k
+from seqrank.training.model import encode_histories, load_encoder, load_encoder_dir
 
 
 def test_round_trip_preserves_vectors_ids_and_metrics(tiny_run, tiny_artifact):

@@ -2,7 +2,7 @@
 
 import torch
 
-from training.model import EncoderConfig, SequenceEncoder, low_pass_kernel
+from seqrank.training.model import EncoderConfig, SequenceEncoder, low_pass_kernel
 
 
 def test_kernel_equals_bsarec_fft_filter_at_the_newest_position():

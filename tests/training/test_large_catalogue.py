@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from training.batches import causal_train_batches
-from training.config import load_config
-from training.data import build_sequences
-from training.model import EncoderConfig, SequenceEncoder
-from training.synthetic import generate_log
-from training.train import NegativeSampler, TrainingObjective, build_optimizers, clip_gradients
+from seqrank.training.batches import causal_train_batches
+from seqrank.training.config import load_config
+from seqrank.training.data import build_sequences
+from seqrank.training.model import EncoderConfig, SequenceEncoder
+from seqrank.training.step import NegativeSampler, TrainingObjective, build_optimizers, clip_gradients
+from seqrank.training.synthetic import generate_log
 
 NUM_ITEMS = 50_000
 

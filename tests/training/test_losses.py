@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from training.losses import bce_loss, full_softmax_loss, sampled_softmax_loss
+from seqrank.training.losses import bce_loss, full_softmax_loss, sampled_softmax_loss
 
 
 def test_full_softmax_matches_manual_cross_entropy_and_ignores_pad():

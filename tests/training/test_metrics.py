@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.metrics import coverage, hit_rate, intra_list_diversity, mrr, ndcg, ranking_report
+from seqrank.training.metrics import coverage, hit_rate, intra_list_diversity, mrr, ndcg, ranking_report
 
 
 def test_hit_rate_counts_targets_inside_k():

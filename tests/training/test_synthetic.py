@@ -1,13 +1,14 @@
-"""training.synthetic: deterministic, realistic in shape, and sequential enough to separate models from popularity."""
+"""seqrank.training.synthetic: deterministic, realistic in shape, and sequential enough to separate models from popularity."""
 
 import json
 
 import numpy as np
 import pytest
 
-from training.config import DataConfig
-from training.data import build_sequences, history_bounds, load_interactions, load_sequences, targets
-from training.synthetic import generate_attributes, generate_log, write_synthetic_dataset
+from seqrank.training.config import DataConfig
+from seqrank.training.data import build_sequences, history_bounds, load_interactions, targets
+from seqrank.training.sources import load_sequences
+from seqrank.training.synthetic import generate_attributes, generate_log, write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

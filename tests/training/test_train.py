@@ -6,19 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from training.batches import causal_train_batches, masked_train_batches, next_item_masked_batches
-from training.config import load_config
-from training.data import history_bounds, load_sequences
-from training.evaluate import evaluate_popularity
-from training.model import EncoderConfig
-from training.train import fit
+from seqrank.training.batches import causal_train_batches, masked_train_batches, next_item_masked_batches
+from seqrank.training.config import load_config
+from seqrank.training.data import history_bounds
+from seqrank.training.evaluate import Evaluation, evaluate_popularity
+from seqrank.training.model import EncoderConfig
+from seqrank.training.sources import load_sequences
+from seqrank.training.train import fit
 from tests.conftest import TINY_OVERRIDES
 
 
 def test_tiny_run_beats_most_popular(tiny_run):
     test = json.loads((tiny_run / "test_metrics.json").read_text())
     config = load_config(tiny_run / "config.yaml")
-    popular = evaluate_popularity(load_sequences(config.data), "test", [10])
+    popular = evaluate_popularity(load_sequences(config.data), "test", Evaluation(ks=(10,)))
     assert test["NDCG@10"] > 2 * popular["NDCG@10"], (test["NDCG@10"], popular["NDCG@10"])
     assert test["HR@10"] > 1.5 * popular["HR@10"]
 
@@ -87,5 +88,5 @@ def test_every_backbone_and_loss_trains_and_is_deterministic(tmp_path, synthetic
     config = load_config(None, base + overrides + ["optim.max_epochs=2", "optim.patience=2", f"data.path={events}"])
     first = fit(config, tmp_path / "a", progress=False)
     second = fit(config, tmp_path / "b", progress=False)
-    assert first["NDCG@10"] == second["NDCG@10"]
+    assert first.test["NDCG@10"] == second.test["NDCG@10"]
     assert np.isfinite(json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])["loss"])

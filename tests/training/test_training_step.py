@@ -5,13 +5,13 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from training.artifact import PAD_INDEX
-from training.batches import causal_train_batches
-from training.config import load_config
-from training.data import load_sequences
-from training.model import EncoderConfig, SequenceEncoder
-from training.train import TrainingObjective, TrainingStep, Worker, build_encoder, build_optimizers, \
-    encoder_config_for, seen_before
+from seqrank.training.batches import causal_train_batches
+from seqrank.training.config import load_config
+from seqrank.training.model import EncoderConfig, SequenceEncoder
+from seqrank.training.sources import load_sequences
+from seqrank.training.step import TrainingObjective, TrainingStep, Worker, build_optimizers, seen_before
+from seqrank.training.train import build_encoder, encoder_config_for
+from seqrank.training.vocab import PAD_INDEX
 
 # Operators whose result the host must read before it can go on: on a GPU each one drains the launch queue.
 WAITING = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2"}

@@ -6,13 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from serving.cli import main
-from training.artifact import ArtifactError, load_artifact
-from training.config import DataConfig, load_config
-from training.data import load_sequences
-from training.export import export_run
-from training.train import fit, load_run_transitions
-from training.transitions import FILES, count_transitions
+from seqrank.serving.cli import main
+from seqrank.training.artifact import ArtifactError, load_artifact
+from seqrank.training.config import DataConfig, load_config
+from seqrank.training.export import export_run
+from seqrank.training.run_dir import load_run_transitions
+from seqrank.training.sources import load_sequences
+from seqrank.training.train import fit
+from seqrank.training.transitions import FILES, count_transitions
 from tests.conftest import TINY_OVERRIDES
 
 # user: items oldest first; the last two of each are its validation and test targets
@@ -66,7 +67,7 @@ def test_fit_chooses_the_weight_on_validation_and_evaluate_and_export_use_it(tmp
     chosen = json.loads((run / "transitions.json").read_text())
     scores = chosen["valid NDCG@10 by weight"]
     assert set(scores) == {"0.0", "0.5", "2.0"} and chosen["weight"] == float(max(scores, key=scores.get))
-    assert result["transition_weight"] == chosen["weight"] > 0  # the synthetic log is strongly sequential
+    assert result.transition_weight == chosen["weight"] > 0  # the synthetic log is strongly sequential
     # the run's valid metrics are the chosen weight's validation score
     assert json.loads((run / "valid_metrics.json").read_text())["NDCG@10"] == pytest.approx(max(scores.values()))
 
@@ -74,7 +75,7 @@ def test_fit_chooses_the_weight_on_validation_and_evaluate_and_export_use_it(tmp
     with_prior = json.loads(capsys.readouterr().out)
     assert main(["evaluate", "--run", str(run), "--json", "--no-transitions"]) == 0
     without = json.loads(capsys.readouterr().out)
-    assert with_prior["NDCG@10"] == pytest.approx(result["NDCG@10"]) and with_prior["NDCG@10"] > without["NDCG@10"]
+    assert with_prior["NDCG@10"] == pytest.approx(result.test["NDCG@10"]) and with_prior["NDCG@10"] > without["NDCG@10"]
 
     artifact = load_artifact(export_run(run, tmp_path / "artifact"))
     prior = load_run_transitions(run)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serving.generated.seqrank.v1 import ranking_pb2 as seqrank_dot_v1_dot_ranking__pb2
+from seqrank.v1 import ranking_pb2 as seqrank_dot_v1_dot_ranking__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -31,14 +31,14 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from serving.errors import FailedPrecondition, Unavailable
-from serving.history import (
+from seqrank.serving.errors import FailedPrecondition, Unavailable
+from seqrank.serving.history.events import (
     REDIS_URL_PREFIXES,
     AppendResult,
     HistoryConfig,
     StoredEvent,
     UserEvents,
-    _payload_sha256,
+    append_fingerprint,
 )
 
 KEY_PREFIX = "seqrank:history:"
@@ -184,7 +184,7 @@ class RedisHistoryStore:
                 args += [timestamp_s, _event_json(event.raw_item_id, event.behavior, timestamp_s)]
         if idempotency_key is not None:
             keys.append(f"{KEY_PREFIX}idempotency:{idempotency_key}")
-            args[3] = _payload_sha256(user_events)
+            args[3] = append_fingerprint(user_events)
         replicas_acknowledged = 0
         with self._unavailable_on_redis_errors():
             if self._wait_replicas > 0:  # WAIT must run on the connection that wrote: one pipeline

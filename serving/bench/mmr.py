@@ -1,4 +1,4 @@
-"""`seqrank bench mmr`: wall time of `serving.rerank.mmr` on one thread, C candidates down to k.
+"""`seqrank bench mmr`: wall time of `seqrank.serving.rerank.mmr` on one thread, C candidates down to k.
 
 The target of issue 6: 1,000 candidates to 50 in at most 1 ms on one core. Candidates are clustered vectors
 (the generator of `seqrank bench ann`) with relevance = inner product with a query from the same mixture, as
@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
-from serving.bench_ann import clustered_vectors, one_thread
-from serving.loadgen import nearest_rank
-from serving.rerank import mmr
+from seqrank.serving.bench.ann import clustered_vectors, one_thread
+from seqrank.serving.bench.loadgen import nearest_rank
+from seqrank.serving.rerank import mmr
 
 WARMUP_CALLS = 50
 

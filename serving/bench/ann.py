@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from training.artifact import augment_items, augment_queries
+from seqrank.training.artifact import augment_items, augment_queries
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +255,9 @@ def artifact_vectors(artifact_dir: str | Path, num_queries: int, seed: int) -> t
     """(item vectors (I, D), user vectors (Q, D), description): the artifact's trained item vectors; queries
     are its encoder's user vectors for histories of 5-30 items drawn by training popularity (the artifact keeps
     no real user histories)."""
-    from training.artifact import PAD_INDEX, load_artifact
-    from training.model import encode_histories, load_encoder
+    from seqrank.training.artifact import load_artifact
+    from seqrank.training.model import encode_histories, load_encoder
+    from seqrank.training.vocab import PAD_INDEX
 
     artifact = load_artifact(artifact_dir)
     model = load_encoder(artifact.encoder_config, artifact.encoder_weights_path)
@@ -314,7 +315,6 @@ def plot(rows: list[Row], title: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullFormatter
 
     colours = {method: f"C{n}" for n, method in enumerate(METHODS)}

@@ -19,21 +19,23 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-
-from serving.config import OWN_DEPLOYMENT, SERVE_CONFIG_PATH, AppArgs, ModelUserConfig
-from serving.history import SQLITE_URL_PREFIX
-from serving.k8s_render import check_serve_config
-from serving.shards import SHARD_DEPLOYMENT_PREFIX, plan_num_shards, shard_deployment_name
-from training.artifact import MANIFEST_FILE, load_artifact
+from seqrank.serving.config import SERVE_CONFIG_PATH, AppArgs, ModelUserConfig
+from seqrank.serving.history.events import SQLITE_URL_PREFIX
+from seqrank.serving.ops.serve_config_check import (
+    DOWNSTREAM_BATCH_SECTIONS,
+    INGRESS_DEPLOYMENT,
+    RETRIEVAL_DEPLOYMENT,
+    ConfigError,
+    application,
+    check_serve_config,
+    check_topology,
+    is_model_deployment,
+)
+from seqrank.serving.shards import plan_num_shards, shard_deployment_name
+from seqrank.training.artifact import MANIFEST_FILE, load_artifact
 
 logger = logging.getLogger(__name__)
 
-INGRESS_DEPLOYMENT = "RankingIngress"
-ENCODER_DEPLOYMENT = "Encoder"
-RETRIEVAL_DEPLOYMENT = "Retrieval"
-RERANKER_DEPLOYMENT = "Reranker"
-MODEL_DEPLOYMENTS = (INGRESS_DEPLOYMENT, ENCODER_DEPLOYMENT, RETRIEVAL_DEPLOYMENT)  # these load the artifact
-DOWNSTREAM_BATCH_SECTIONS = ("encoder", "retrieval", "rerank")  # args sections with a max_batch_size
 RUNNING, DEPLOY_FAILED = "RUNNING", "DEPLOY_FAILED"
 THROUGHPUT_OPTIMIZED_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"  # Ray Serve >= 2.55, documented for KubeRay
 GRPC_MAX_MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # read by each gRPC proxy at start (ray 2.60 constants)
@@ -42,25 +44,8 @@ PROXY_READY_TIMEOUT_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
 PROXY_READY_TIMEOUT_S = 30.0
 
 
-class ConfigError(ValueError):
-    """The Serve config cannot be applied; the message names the key."""
-
-
 def read_serve_config(path: str | Path = SERVE_CONFIG_PATH) -> dict:
     return yaml.safe_load(Path(path).read_text())
-
-
-def application(config: dict) -> dict:
-    """The config's one application (seqrank deploys exactly one)."""
-    apps = config.get("applications") or []
-    if len(apps) != 1:
-        raise ConfigError(f"applications: expected exactly one application, got {len(apps)}")
-    return apps[0]
-
-
-def is_model_deployment(name: str | None) -> bool:
-    """Deployments that load the artifact: MODEL_DEPLOYMENTS and the retrieval shards."""
-    return name in MODEL_DEPLOYMENTS or (name or "").startswith(SHARD_DEPLOYMENT_PREFIX)
 
 
 def localize(config: dict, *, artifact_path: str | Path | None = None, base_dir: Path | None = None) -> dict:
@@ -151,32 +136,6 @@ def preflight(config: dict) -> AppArgs:
             raise ConfigError(f"args.{section}.max_batch_size: {batch} is below args.ingress.max_batch_size="
                               f"{ingress_batch}, so one ingress batch would not fit")
     return args
-
-
-def check_topology(app: dict, args: AppArgs, where: str = "") -> tuple[str, ...]:
-    """The deployments `args` bind; ConfigError naming any deployment the app lists beyond them (a deployment of
-    another topology, or a misspelled name). A bound deployment the app does not list runs on its defaults."""
-    bound = bound_deployments(args)
-    for name in [d.get("name") for d in app.get("deployments", [])]:
-        if name not in bound:
-            raise ConfigError(f"{where}deployments[{name}]: not part of the app with encoder.placement "
-                              f"{args.encoder.placement!r}, retrieval.placement {args.retrieval.placement!r} and "
-                              f"rerank.placement {args.rerank.placement!r} (deployments: {list(bound)})")
-    return bound
-
-
-def bound_deployments(args: AppArgs) -> tuple[str, ...]:
-    """The deployments build_app binds for these args (the topology)."""
-    names = [INGRESS_DEPLOYMENT]
-    if args.encoder.placement == OWN_DEPLOYMENT:
-        names.append(ENCODER_DEPLOYMENT)
-    if args.retrieval.placement == OWN_DEPLOYMENT:
-        names.append(RETRIEVAL_DEPLOYMENT)
-    if args.retrieval.num_shards > 1:
-        names += [shard_deployment_name(shard) for shard in range(args.retrieval.num_shards)]
-    if args.rerank.placement == OWN_DEPLOYMENT:
-        names.append(RERANKER_DEPLOYMENT)
-    return tuple(names)
 
 
 def start_local(config: dict, args: AppArgs, num_cpus: float | None = None, log_to_driver: bool = True) -> str:

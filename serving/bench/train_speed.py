@@ -9,20 +9,20 @@ so a GPU run can be read as a share of the card's measured bf16 matmul rate (`ma
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from training.config import TrainConfig
-from training.data import SequenceData, history_bounds, load_sequences
-from training.model import EncoderConfig, SequenceEncoder, encode_histories
-from training.train import fit
+from seqrank.training.config import TrainConfig
+from seqrank.training.data import SequenceData, history_bounds
+from seqrank.training.model import EncoderConfig, SequenceEncoder, encode_histories
+from seqrank.training.run_dir import read_epochs
+from seqrank.training.sources import load_sequences
+from seqrank.training.train import fit
 
 ENCODER_PRESETS = {  # the default config's model, and a large one for GPU sizing
     "default": dict(max_len=50, hidden_size=64, num_layers=2, num_heads=1, intermediate_size=256),
@@ -190,13 +190,13 @@ def bench_train(config: TrainConfig, epochs: int, label: str, eval_users: int = 
     data = load_sequences(config.data)
     with tempfile.TemporaryDirectory(prefix="seqrank-bench-train-") as run_dir:
         result = fit(config, run_dir, data, progress=False)
-        history = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        history = read_epochs(run_dir)
     sequences, positions = training_workload(data, config.model.max_len)
     steady = history[1:] or history
     train_seconds = statistics.median(h["train_seconds"] for h in steady)
     return {
-        "data": label, "users": data.num_users, "items": data.num_items, "device": result["device"],
-        "workers": result["workers"], "dtype": "bf16" if result["device"].startswith("cuda") and config.optim.bf16
+        "data": label, "users": data.num_users, "items": data.num_items, "device": result.device,
+        "workers": result.workers, "dtype": "bf16" if result.device.startswith("cuda") and config.optim.bf16
         else "fp32", "loss": config.optim.loss, "epochs": len(history), "sequences": sequences,
         "positions": positions, "first_epoch_train_s": history[0]["train_seconds"],
         "train_s_per_epoch": train_seconds, "epoch_s": statistics.median(h["epoch_seconds"] for h in steady),

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from serving.retry import NO_RETRY, RetryPolicy, call_with_retry
+from seqrank.serving.client.retry import NO_RETRY, RetryPolicy, call_with_retry
 
 logger = logging.getLogger(__name__)
 
@@ -186,11 +186,11 @@ def run_closed_loop(new_caller: Callable[[], Caller], concurrency: int, duration
 # ---- the floor: a one-deployment gRPC echo app ---------------------------------------------------------------
 
 def build_echo_app(args: dict | None = None):
-    """Serve import_path target (`serving.loadgen:build_echo_app`): one deployment whose Rank returns an empty
+    """Serve import_path target (`seqrank.serving.bench.loadgen:build_echo_app`): one deployment whose Rank returns an empty
     RankResponse at once (echoing request_id). Ray is imported here so the module's core stays Ray-free."""
     from ray import serve
 
-    from serving.generated.seqrank.v1 import ranking_pb2
+    from seqrank.v1 import ranking_pb2
 
     @serve.deployment(name="Echo", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0.1})
     class Echo:
@@ -201,18 +201,18 @@ def build_echo_app(args: dict | None = None):
 
 
 def echo_application() -> dict:
-    return {"name": ECHO_APP, "route_prefix": f"/{ECHO_APP}", "import_path": "serving.loadgen:build_echo_app"}
+    return {"name": ECHO_APP, "route_prefix": f"/{ECHO_APP}", "import_path": "seqrank.serving.bench.loadgen:build_echo_app"}
 
 
 # ---- the shell: local Ray + Serve, both apps, each concurrency ----------------------------------------------
 
 def train_tiny_artifact(out_dir: Path) -> Path:
     """Synthetic log → small model → artifact, for a benchmark without an artifact of its own."""
-    from training.artifact import IndexParams
-    from training.config import load_config
-    from training.export import export_run
-    from training.synthetic import write_synthetic_dataset
-    from training.train import fit
+    from seqrank.training.artifact import IndexParams
+    from seqrank.training.config import load_config
+    from seqrank.training.export import export_run
+    from seqrank.training.synthetic import write_synthetic_dataset
+    from seqrank.training.train import fit
 
     events, attributes = write_synthetic_dataset(out_dir / "data", num_users=800, num_items=200)
     config = load_config(None, [f"data.path={events}", f"data.attributes={attributes}", *TINY_TRAINING])
@@ -221,8 +221,8 @@ def train_tiny_artifact(out_dir: Path) -> Path:
 
 
 def rank_request(artifact_path: Path):
-    from serving.generated.seqrank.v1 import ranking_pb2
-    from training.artifact import load_artifact
+    from seqrank.training.artifact import load_artifact
+    from seqrank.v1 import ranking_pb2
 
     artifact = load_artifact(artifact_path)
     behavior = (artifact.behavior_names or [""])[0]
@@ -240,8 +240,8 @@ def grpc_caller_factory(target: str, app_name: str, request, retry: RetryPolicy 
 
     import grpc
 
-    from serving.client import APPLICATION_METADATA_KEY, RETRYABLE_READS, retryable_codes
-    from serving.generated.seqrank.v1 import ranking_pb2_grpc
+    from seqrank.serving.client.ranking_client import APPLICATION_METADATA_KEY, RETRYABLE_READS, retryable_codes
+    from seqrank.v1 import ranking_pb2_grpc
 
     metadata = ((APPLICATION_METADATA_KEY, app_name),)
     retryable = retryable_codes(RETRYABLE_READS)
@@ -279,7 +279,8 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
     import ray
     from ray import serve
 
-    from serving.deploy import application, localize, preflight, start_local, submit, wait_until_running
+    from seqrank.serving.ops.deploy import localize, preflight, start_local, submit, wait_until_running
+    from seqrank.serving.ops.serve_config_check import application
 
     with tempfile.TemporaryDirectory(prefix="seqrank-bench-") as tmp:
         if artifact is None:

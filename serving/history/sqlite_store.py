@@ -1,31 +1,26 @@
-"""Users' behaviour histories: the `HistoryStore` protocol and its SQLite backend.
+"""The SQLite history store: one database file shared by the replicas of one node.
 
-Events are stored with raw ids and behaviour names (not model indices) so histories outlive model versions.
-Timestamps are integer Unix seconds, like the training logs. A user's history is ordered by
-(timestamp, insertion sequence) - the order training sorts by - and bounded to the newest
-`max_events_per_user` events. An acknowledged append is durable: WAL with synchronous=FULL fsyncs the log
-on every commit (https://www.sqlite.org/pragma.html#pragma_synchronous). The Redis backend, for stores shared
-across nodes, lives in `serving/history_redis.py`; `open_history_store` picks the backend from the URL.
+An acknowledged append is durable: WAL with synchronous=FULL fsyncs the log on every commit
+(https://www.sqlite.org/pragma.html#pragma_synchronous).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
-from serving.errors import FailedPrecondition, Unavailable
+from seqrank.serving.errors import FailedPrecondition, Unavailable
+from seqrank.serving.history.events import (
+    AppendResult,
+    StoredEvent,
+    UserEvents,
+    append_fingerprint,
+)
 
-SQLITE_URL_PREFIX = "sqlite:///"
-REDIS_URL_PREFIXES = ("redis://", "rediss://")
-ENV_URL_PREFIX = "env:"  # url "env:NAME": the URL is the value of environment variable NAME (a Kubernetes Secret)
 SCHEMA_VERSION = 1
 # Executed one statement at a time inside a transaction (executescript would commit first).
 _SCHEMA = (
@@ -45,93 +40,6 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_s)",
 )
-
-
-@dataclass(frozen=True)
-class Event:
-    """One behaviour event as sent by a caller; `timestamp_s` None = the store's clock at append."""
-
-    raw_item_id: str
-    behavior: str  # behaviour name; "" = unspecified
-    timestamp_s: int | None = None
-
-
-@dataclass(frozen=True)
-class UserEvents:
-    """Events of one user, oldest first."""
-
-    user_id: str
-    events: tuple[Event, ...]
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    """An event as read back: always timestamped, `seq` = insertion order across the store."""
-
-    raw_item_id: str
-    behavior: str
-    timestamp_s: int
-    seq: int
-
-
-@dataclass(frozen=True)
-class AppendResult:
-    """accepted = stored + duplicates_ignored; `idempotent_replay` = the key was applied before."""
-
-    accepted: int
-    stored: int
-    duplicates_ignored: int
-    idempotent_replay: bool
-
-
-@dataclass(frozen=True)
-class HistoryConfig:
-    """Serve-config section for the history store."""
-
-    # sqlite:///relative/path, sqlite:////absolute/path, redis://[:password@]host:port/db (rediss:// = TLS), or
-    # env:NAME to keep a password out of the config: the process edge calls resolve_history_url(config, os.environ).
-    url: str = "sqlite:///seqrank-history.db"
-    max_events_per_user: int = 200  # older events are trimmed; keep >= the encoder's max_len
-    # SQLite: wait for another writer's lock; Redis: connect and reply timeout. Then UNAVAILABLE.
-    busy_timeout_s: float = 5.0
-    idempotency_ttl_s: int = 86_400  # a key is remembered this long
-    # Redis only: an append is acknowledged once this many replicas have it (WAIT); 0 = the primary's reply.
-    wait_replicas: int = 0
-    wait_timeout_ms: int = 100  # Redis only: WAIT's limit; fewer replicas by then -> UNAVAILABLE
-
-    def __post_init__(self) -> None:
-        if self.max_events_per_user < 1:
-            raise ValueError(f"history.max_events_per_user: must be >= 1, got {self.max_events_per_user}")
-        if self.busy_timeout_s <= 0:
-            raise ValueError(f"history.busy_timeout_s: must be > 0, got {self.busy_timeout_s}")
-        if self.idempotency_ttl_s < 1:
-            raise ValueError(f"history.idempotency_ttl_s: must be >= 1, got {self.idempotency_ttl_s}")
-        if self.wait_replicas < 0:
-            raise ValueError(f"history.wait_replicas: must be >= 0, got {self.wait_replicas}")
-        if self.wait_replicas > 0 and not self.url.startswith((*REDIS_URL_PREFIXES, ENV_URL_PREFIX)):
-            raise ValueError(f"history.wait_replicas: only applies to redis:// urls, got url {self.url!r}")
-        if self.wait_timeout_ms < 1:  # WAIT with timeout 0 would block forever
-            raise ValueError(f"history.wait_timeout_ms: must be >= 1, got {self.wait_timeout_ms}")
-
-
-class HistoryStore(Protocol):
-    """Per-user event histories; implementations are safe to call from several threads."""
-
-    def append(self, user_events: Sequence[UserEvents], idempotency_key: str | None = None) -> AppendResult:
-        """Stores all events atomically (all or none); raises FailedPrecondition or Unavailable."""
-        ...
-
-    def recent(self, user_id: str, limit: int) -> list[StoredEvent]:
-        """The user's newest `limit` events, oldest first; [] for an unknown user."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def _payload_sha256(user_events: Sequence[UserEvents]) -> str:
-    """Fingerprint of an append's content, to tell a retry from a reused idempotency key."""
-    payload = [[u.user_id, [[e.raw_item_id, e.behavior, e.timestamp_s] for e in u.events]] for u in user_events]
-    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 class SQLiteHistoryStore:
@@ -206,7 +114,7 @@ class SQLiteHistoryStore:
     def append(self, user_events: Sequence[UserEvents], idempotency_key: str | None = None) -> AppendResult:
         accepted = sum(len(u.events) for u in user_events)
         now_s = int(self._clock())
-        payload_sha256 = _payload_sha256(user_events) if idempotency_key is not None else ""
+        payload_sha256 = append_fingerprint(user_events) if idempotency_key is not None else ""
         rows = [
             (u.user_id, e.raw_item_id, e.behavior, now_s if e.timestamp_s is None else e.timestamp_s)
             for u in user_events
@@ -261,35 +169,3 @@ class SQLiteHistoryStore:
             for connection in self._connections:
                 connection.close()
             self._connections.clear()
-
-
-def resolve_history_url(config: HistoryConfig, environ: Mapping[str, str]) -> HistoryConfig:
-    """`config` with an `env:NAME` url replaced by environ[NAME] (and checked again); other urls unchanged."""
-    if not config.url.startswith(ENV_URL_PREFIX):
-        return config
-    name = config.url[len(ENV_URL_PREFIX) :]
-    if not environ.get(name):
-        raise ValueError(f"history.url: {config.url!r} names environment variable {name}, which is not set or empty")
-    return dataclasses.replace(config, url=environ[name])
-
-
-def open_history_store(config: HistoryConfig) -> HistoryStore:
-    """The backend named by `config.url`: sqlite:///relative, sqlite:////absolute or redis://host:port/db."""
-    url = config.url
-    if url.startswith(SQLITE_URL_PREFIX):
-        path = url[len(SQLITE_URL_PREFIX) :]
-        if path in ("", ":memory:"):
-            raise ValueError(f"history.url: needs a database file (shared by replicas), got {url!r}")
-        return SQLiteHistoryStore(
-            path,
-            config.max_events_per_user,
-            busy_timeout_s=config.busy_timeout_s,
-            idempotency_ttl_s=config.idempotency_ttl_s,
-        )
-    if url.startswith(ENV_URL_PREFIX):
-        raise ValueError(f"history.url: {url!r} is unresolved; call resolve_history_url(config, os.environ) first")
-    if url.startswith(REDIS_URL_PREFIXES):
-        from serving.history_redis import RedisHistoryStore  # here, not at the top: it imports this module's types
-
-        return RedisHistoryStore(config)
-    raise ValueError(f"history.url: must start with {SQLITE_URL_PREFIX!r}, 'redis://' or 'rediss://', got {url!r}")

@@ -24,10 +24,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.generated.seqrank.v1 import ranking_pb2, ranking_pb2_grpc
-from serving.auth import AUTHORIZATION_METADATA_KEY, BEARER_SCHEME
-from serving.history import Event
-from serving.retry import RetryPolicy, call_with_retry
+from seqrank.serving.auth import AUTHORIZATION_METADATA_KEY, BEARER_SCHEME
+from seqrank.serving.client.retry import RetryPolicy, call_with_retry
+from seqrank.serving.history.events import Event
+from seqrank.v1 import ranking_pb2, ranking_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:9000"
 APPLICATION_METADATA_KEY = "application"  # routes to a Serve app; optional while exactly one is deployed

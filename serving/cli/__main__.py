@@ -1,0 +1,3 @@
+from seqrank.serving.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""`seqrank bench ...`: the benchmarks, each printing a table (and optionally writing JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from seqrank.serving.cli.render import write_json_report
+from seqrank.serving.cli.train import training_overrides
+
+
+def add_bench_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    serve = bench.add_parser("serve", help="closed-loop gRPC load on a local Ray + Serve: Rank against an echo "
+                                           "app behind the same proxy (the floor)")
+    serve.add_argument("--artifact", default=None, help="artifact directory (default: train a tiny model)")
+    serve.add_argument("--config", default=None, help="Serve config YAML (default: serving/serve_config.yaml)")
+    serve.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="default: %(default)s")
+    serve.add_argument("--seconds", type=float, default=10.0, help="per target and concurrency")
+    serve.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    serve.set_defaults(func=cmd_bench_serve)
+
+    ann = bench.add_parser("ann", help="HNSW (hnswlib, Faiss) against exact inner-product search: recall@10/100, "
+                                       "queries/s on one thread, build time, index memory; table, JSON and PNG")
+    ann.add_argument("--artifact", default=None, help="use the artifact's trained item vectors (queries: its "
+                                                      "encoder's user vectors) instead of a generated catalogue")
+    ann.add_argument("--num-items", type=int, default=1_000_000, help="generated catalogue size (default: %(default)s)")
+    ann.add_argument("--dim", type=int, default=64, help="generated vector dimension (default: %(default)s)")
+    ann.add_argument("--queries", type=int, default=1000, help="held-out queries (default: %(default)s)")
+    ann.add_argument("--methods", nargs="+", default=["hnswlib", "hnswlib-aug", "faiss", "faiss-aug"],
+                     help="hnswlib, faiss; -aug: on norm-augmented vectors (default: %(default)s)")
+    ann.add_argument("--m", type=int, nargs="+", default=[16, 32, 48], help="HNSW M values (default: %(default)s)")
+    ann.add_argument("--ef-construction", type=int, default=200, help="(default: %(default)s)")
+    ann.add_argument("--ef", type=int, nargs="+", default=[100, 200, 400, 800, 1600],
+                     help="query beams; values below k are raised to k (default: %(default)s)")
+    ann.add_argument("-k", type=int, default=100, help="neighbours per query (default: %(default)s)")
+    ann.add_argument("--build-threads", type=int, default=1, help="threads for index builds (default: %(default)s);"
+                                                                  " searches always use one")
+    ann.add_argument("--repeats", type=int, default=3, help="timed passes, best kept (default: %(default)s)")
+    ann.add_argument("--seed", type=int, default=0)
+    ann.add_argument("--out", default="runs/bench-ann", help="directory for ann.json and ann.png (default: %(default)s)")
+    ann.set_defaults(func=cmd_bench_ann)
+
+    mmr = bench.add_parser("mmr", help="MMR re-ranking time on one thread: C candidates down to k")
+    mmr.add_argument("--candidates", type=int, default=1000, help="(default: %(default)s)")
+    mmr.add_argument("-k", type=int, default=50, help="(default: %(default)s)")
+    mmr.add_argument("--dim", type=int, default=64, help="(default: %(default)s)")
+    mmr.add_argument("--diversity", type=float, nargs="+", default=[0.0, 0.3, 1.0], help="(default: %(default)s)")
+    mmr.add_argument("--repeats", type=int, default=2000, help="timed calls per diversity (default: %(default)s)")
+    mmr.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    mmr.set_defaults(func=cmd_bench_mmr)
+
+    train = bench.add_parser("train", help="training speed: seconds per epoch and sequences/s of `fit` on the "
+                                           "synthetic log and, with --data, on a real file")
+    train.add_argument("--data", default="", help="also measure on this log file")
+    train.add_argument("--format", default=None, choices=["auto", "events", "s3rec", "sasrec"])
+    train.add_argument("--attributes", default=None, help="item side information for --data")
+    train.add_argument("--config", default=None, help="YAML config layered over training/configs/default.yaml")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    train.add_argument("--epochs", type=int, default=3, help="epochs per data set; the first is warm-up")
+    train.add_argument("--no-synthetic", action="store_true", help="measure --data only")
+    train.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    train.set_defaults(func=cmd_bench_train)
+
+    encoder = bench.add_parser("encoder", help="encode_histories latency and sequences/s per batch size, model, "
+                                               "device and dtype, with FLOPs per sequence")
+    encoder.add_argument("--models", nargs="+", default=["default", "large"], choices=["default", "large"])
+    encoder.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
+                         help="default: cpu, and cuda when torch sees a GPU")
+    encoder.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "bf16w"],
+                         help="fp32; bf16 autocast over fp32 weights; bf16w: weights cast to bf16, no autocast")
+    encoder.add_argument("--compile", default="", choices=["", "default", "reduce-overhead",
+                                                           "max-autotune-no-cudagraphs"],
+                         help="torch.compile mode for the encoder's forward (default: eager)")
+    encoder.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
+    encoder.add_argument("--seconds", type=float, default=2.0, help="timed seconds per cell (at least 3 calls)")
+    encoder.add_argument("--max-call-seconds", type=float, default=5.0,
+                         help="skip a cell whose estimated single call takes longer (default: %(default)s)")
+    encoder.add_argument("--matmul-peak", action="store_true",
+                         help="also time a large square matmul per device and dtype: the achieved peak rate")
+    encoder.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    encoder.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    encoder.set_defaults(func=cmd_bench_encoder)
+
+
+def cmd_bench_serve(args) -> int:
+    from seqrank.serving.bench.loadgen import bench_serve, format_report
+    from seqrank.serving.config import SERVE_CONFIG_PATH
+    from seqrank.serving.ops.deploy import read_serve_config
+
+    config = read_serve_config(args.config or SERVE_CONFIG_PATH)
+    report = bench_serve(config, args.artifact, args.concurrency, args.seconds)
+    print(format_report(report))
+    write_json_report(args.json, report)
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from seqrank.serving.bench.train_speed import bench_train, format_train_table
+    from seqrank.training.config import load_config
+
+    runs = [] if args.no_synthetic else [("synthetic", load_config(args.config, args.overrides))]
+    if args.data:
+        runs.append((Path(args.data).name, load_config(args.config, training_overrides(args))))
+    if not runs:
+        raise ValueError("--no-synthetic needs --data")
+    rows = [bench_train(config, args.epochs, label) for label, config in runs]
+    print(format_train_table(rows))
+    write_json_report(args.json, rows)
+    return 0
+
+
+def cmd_bench_encoder(args) -> int:
+    from dataclasses import asdict
+
+    import torch
+
+    from seqrank.serving.bench.train_speed import DTYPES, bench_encoder, format_encoder_table, matmul_peak
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise ValueError("--devices cuda: torch.cuda.is_available() is False")
+    matmul_dtypes = {DTYPES[t]: t for t in reversed(args.dtypes)}.values()  # bf16w's matmuls are bf16's (first name kept)
+    peaks = {(d, t): matmul_peak(d, t) for d in devices for t in matmul_dtypes} if args.matmul_peak else {}
+    rows = bench_encoder(args.models, devices, args.dtypes, args.batch_sizes, args.seconds, args.max_call_seconds,
+                         peaks, compile_mode=args.compile)
+    print(format_encoder_table(rows, peaks))
+    if args.json:
+        report = {"rows": [asdict(r) for r in rows],
+                  "matmul_peak_tflops": [{"device": d, "dtype": t, "tflops": v} for (d, t), v in peaks.items()],
+                  "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        write_json_report(args.json, report)
+    return 0
+
+
+def cmd_bench_ann(args) -> int:
+    from seqrank.serving.bench.ann import Row, bench_ann, format_table
+
+    report = bench_ann(artifact=args.artifact, num_items=args.num_items, dim=args.dim, num_queries=args.queries,
+                       methods=args.methods, ms=args.m, ef_construction=args.ef_construction, efs=args.ef, k=args.k,
+                       build_threads=args.build_threads, repeats=args.repeats, seed=args.seed, out_dir=Path(args.out))
+    print(f"{report['vectors']}; {report['queries']} queries; searches on one thread, builds on "
+          f"{report['build_threads']}")
+    print(format_table([Row(**row) for row in report["rows"]]))
+    print("\n".join(report["target"]))
+    print(f"wrote {Path(args.out) / 'ann.json'} and {Path(args.out) / 'ann.png'}")
+    return 0
+
+
+def cmd_bench_mmr(args) -> int:
+    from seqrank.serving.bench.mmr import bench_mmr, format_mmr
+
+    report = bench_mmr(args.candidates, args.k, args.dim, args.diversity, args.repeats)
+    print(format_mmr(report))
+    write_json_report(args.json, report)
+    return 0

@@ -1,0 +1,124 @@
+"""`seqrank serve`, `seqrank quickstart` and `seqrank deploy`: run the service on this machine or apply a config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from seqrank.serving.cli.render import format_response
+from seqrank.serving.config import SERVE_CONFIG_PATH
+
+
+def add_serve_commands(sub) -> None:
+    serve = sub.add_parser("serve", help="run the ranking service locally (Ray + Serve, gRPC) until interrupted")
+    serve.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML (default: %(default)s)")
+    serve.add_argument("--artifact", default=None, help="artifact directory; overrides the config's artifact_path")
+    serve.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may schedule (default: all)")
+    serve.set_defaults(func=cmd_serve)
+
+    deploy = sub.add_parser("deploy", help="apply a (changed) Serve config to a running service; a new artifact "
+                                           "reloads in place")
+    deploy.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML (default: %(default)s)")
+    deploy.add_argument("--artifact", default=None, help="artifact directory; overrides the config's artifact_path")
+    deploy.add_argument("--address", default=None,
+                        help="Ray dashboard URL of a remote cluster (default: the local cluster of `seqrank serve`)")
+    deploy.set_defaults(func=cmd_deploy)
+
+    quickstart = sub.add_parser("quickstart", help="synthetic log → train → export → serve, then print ranked "
+                                                   "lists fetched over gRPC; stays up until Ctrl-C")
+    quickstart.add_argument("--out", default="runs/quickstart", help="working directory (default: %(default)s)")
+    quickstart.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML")
+    quickstart.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may schedule (default: all)")
+    quickstart.add_argument("--exit", action="store_true", help="stop after printing the lists")
+    quickstart.set_defaults(func=cmd_quickstart)
+
+
+def load_serve_config(args):
+    from seqrank.serving.ops.deploy import localize, read_serve_config
+
+    return localize(read_serve_config(args.config), artifact_path=args.artifact)
+
+
+def cmd_serve(args) -> int:
+    return serve_until_interrupted(load_serve_config(args), args.config, args.num_cpus)
+
+
+def serve_until_interrupted(config: dict, config_path: str, num_cpus: float | None = None, on_ready=None,
+                            stay_up: bool = True) -> int:
+    """Start local Ray + Serve, apply the config, call `on_ready(grpc_target)`, then wait for Ctrl-C."""
+    import signal
+    import time
+
+    import ray
+    from ray import serve
+
+    from seqrank.serving.ops.deploy import apply, preflight, start_local
+    from seqrank.serving.ops.serve_config_check import application
+
+    app_args = preflight(config)  # before starting anything
+    dashboard_url = start_local(config, app_args, num_cpus=num_cpus)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM too
+    try:
+        print(f"deploying {application(config)['name']} (dashboard {dashboard_url}) ...", flush=True)
+        apply(config, dashboard_url)
+        grpc_port = config.get("grpc_options", {}).get("port", 9000)
+        print(f"serving gRPC on 127.0.0.1:{grpc_port}, Prometheus metrics on "
+              f"http://127.0.0.1:{app_args.local.metrics_export_port}/metrics", flush=True)
+        if on_ready is not None:
+            on_ready(f"127.0.0.1:{grpc_port}")
+        print(f"hot reload: seqrank deploy --config {config_path} --artifact NEW_ARTIFACT; Ctrl-C stops", flush=True)
+        while stay_up:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from seqrank.serving.ops.deploy import localize, read_serve_config
+    from seqrank.serving.ops.quickstart import prepare_artifact
+
+    artifact, sample_histories = prepare_artifact(Path(args.out), say=print)
+    config = localize(read_serve_config(args.config), artifact_path=artifact)
+    config["applications"][0]["logging_config"] = {"enable_access_log": False}  # keep the printed lists readable
+    history = config["applications"][0]["args"]["ingress"]["history"]
+    history["url"] = f"sqlite:///{(Path(args.out) / 'history.db').resolve()}"
+    return serve_until_interrupted(config, args.config, args.num_cpus,
+                                   on_ready=lambda target: show_ranked_lists(target, sample_histories),
+                                   stay_up=not args.exit)
+
+
+def cmd_deploy(args) -> int:
+    from seqrank.serving.ops.deploy import apply
+    from seqrank.serving.ops.serve_config_check import application
+
+    config = load_serve_config(args)
+    if args.address:
+        apply(config, args.address)  # a remote cluster: Ray's RAY_AUTH_MODE / RAY_AUTH_TOKEN settings apply
+        address = args.address
+    else:
+        import ray
+
+        # Attaching to the local cluster (`seqrank serve`) finds its dashboard and loads its auth token.
+        address = "http://" + ray.init(address="auto", logging_level=logging.WARNING).dashboard_url
+        try:
+            apply(config, address)
+        finally:
+            ray.shutdown()  # detaches; the cluster keeps running
+    print(f"applied {args.config} to {address}: {application(config)['name']} is RUNNING")
+    return 0
+
+
+def show_ranked_lists(target: str, samples: dict) -> None:
+    """RecordEvents then Rank for each sample user, over real gRPC, printed as tables."""
+    from seqrank.serving.client.ranking_client import RankingClient
+
+    with RankingClient(target) as client:
+        for user_id, events in samples.items():
+            client.record({user_id: events}, idempotency_key=f"quickstart-{user_id}")
+            recent = ", ".join(f"{e.raw_item_id}:{e.behavior}" for e in events[-4:])
+            print(f"\nuser {user_id} (recent: … {recent})")
+            print(format_response(client.rank(user_id, k=10)))

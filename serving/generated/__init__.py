@@ -1,1 +1,0 @@
-"""protoc output for protos/, committed. Never edit; regenerate: `python -m serving.protogen`."""
