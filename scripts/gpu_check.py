@@ -1,22 +1,23 @@
-"""Every GPU measurement issue 2 still needs, in one device call, inside a fixed time budget.
+"""Every GPU measurement the training recipe needs, in one call on a GPU machine, inside a fixed time budget.
 
-A lent GPU comes for minutes, once, so this runs in order of importance and stops each phase at its deadline:
+GPU time is scarce, so this runs in order of importance and stops each phase at its deadline:
   1. the CUDA graph tests (tests/training/test_cuda_graphs.py, test_training_step.py): that a graphed step trains
      like an eager one, which no machine without a GPU can check;
   2. `scripts/train_step_launches.py --device cuda` on Beauty, eager and with optim.cuda_graphs: kernel launches,
      host waits and milliseconds per step of the committed recipe, so a time per epoch can be read as launches;
   3. the committed Beauty recipe (training/configs/amazon-towers.yaml) alone on the GPU with CUDA graphs, then
-     eager: seconds per epoch and seconds to its best validation epoch, the issue's time-to-target;
+     eager: seconds per epoch and seconds to its best validation epoch (the time-to-target);
   4. with --pool, variants of the recipe in parallel that could reach the target in fewer seconds (each selected
-     on validation like any other run); with --encoder, issue 6's encoder benchmarks (eager, compiled, graphs).
-Results go to $OUT (the device tool's output folder; runs/gpu-check here): step JSON, summary.json, a runs.tgz of
+     on validation like any other run); with --encoder, the encoder benchmarks (eager, compiled, graphs).
+Results go to $OUT when set (else runs/gpu-check): step JSON, summary.json, a runs.tgz of
 every run's metrics, config and log, and the table printed last.
 
     python3 scripts/gpu_check.py --budget 480            # on the device machine, data in .gpu-data/
     python3 scripts/gpu_check.py --device cpu --budget 420 --smoke   # the same steps on a CPU, tiny
 
 The device image has torch, transformers and pytest but not Ray, hnswlib or this repo's gRPC pins: every step goes
-through `python -m serving.cli` subcommands or scripts that import none of them. ../shared does not travel to the
+through `python -m seqrank.serving.cli` subcommands or scripts that import none of them; where seqrank is not
+installed, the children import it from this checkout through a folder of links (`source_tree_env`). ../shared does not travel to the
 device, so copy the data into the ignored .gpu-data/ first and carry it:
     mkdir -p .gpu-data && cp ../shared/data/amazon-beauty/Beauty{.txt,_item2attributes.json} \\
         ../shared/data/amazon-sports-outdoors/Sports_and_Outdoors{.txt,_item2attributes.json} .gpu-data/
@@ -25,11 +26,14 @@ device, so copy the data into the ignored .gpu-data/ first and carry it:
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +56,21 @@ SMOKE = ["data.path=", "data.attributes=", "data.synthetic_users=300", "data.syn
          "optim.max_epochs=2", "model.hidden_size=16", "model.intermediate_size=32"]
 
 
+@functools.cache
+def source_tree_env() -> dict[str, str]:
+    """The environment for child processes: where seqrank is not installed (a bare GPU image), a temporary folder
+    of links gives them the import names pyproject.toml maps onto this checkout's folders."""
+    env = dict(os.environ)
+    if importlib.util.find_spec("seqrank") is not None:
+        return env
+    shim = Path(tempfile.mkdtemp(prefix="seqrank-source-")) / "seqrank"
+    shim.mkdir()
+    for name, folder in (("serving", "serving"), ("training", "training"), ("v1", "serving/generated/seqrank/v1")):
+        (shim / name).symlink_to(ROOT / folder, target_is_directory=True)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim.parent), env.get("PYTHONPATH", "")]))
+    return env
+
+
 def run(cmd: list[str], log: Path, timeout: float) -> str:
     """Run to completion or kill at `timeout`; returns how it ended, for the summary."""
     if timeout <= 5:
@@ -59,7 +78,8 @@ def run(cmd: list[str], log: Path, timeout: float) -> str:
     started = time.perf_counter()
     with open(log, "w") as out:
         try:
-            code = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = subprocess.run(cmd, cwd=ROOT, env=source_tree_env(), stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             return f"killed at the deadline after {time.perf_counter() - started:.0f} s"
     return f"exit {code} after {time.perf_counter() - started:.0f} s"
@@ -104,7 +124,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=4, help="torch CPU threads per training run")
     parser.add_argument("--pool", action="store_true", help="then the POOL variants, --parallel at once")
     parser.add_argument("--parallel", type=int, default=4, help="training runs at once in the pool")
-    parser.add_argument("--encoder", action="store_true", help="then issue 6's encoder benchmarks")
+    parser.add_argument("--encoder", action="store_true", help="then the encoder benchmarks")
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".gpu-data")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic runs and batches (a CPU dry run)")
     args = parser.parse_args()

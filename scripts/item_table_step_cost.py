@@ -3,7 +3,7 @@
 Usage: .venv/bin/python scripts/item_table_step_cost.py 50000 1000000
 The batches come from a small synthetic log; the catalogue is padded with never-seen items to the size asked for,
 because the table size alone is what the optimiser and the embedding backward pay for. One torch thread; the mean
-of steps 3-12 (the first two warm up and create the optimizer state). Results: BENCHMARKS.md, issue 6.
+of steps 3-12 (the first two warm up and create the optimizer state). Results: docs/benchmarks/retrieval.md, "A million-item catalogue".
 """
 
 import sys

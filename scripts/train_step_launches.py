@@ -1,6 +1,6 @@
 """What one training step asks of the device: operator calls, kernel-launching ones, and host-device waits.
 
-On a GPU a step of the committed recipe is launch-bound (BENCHMARKS.md 5b: the card sits mostly idle while the
+On a GPU a step of the committed recipe is launch-bound (docs/benchmarks/training-speed.md, "Training on the H200": the card sits mostly idle while the
 host dispatches kernels one by one), so the number of kernels a step launches and the number of times it makes the
 host wait for the device are the quantities that set its time there. Both can be counted on any machine: a
 TorchDispatchMode sees every operator call that reaches a backend, after autograd and after composite operators

@@ -10,7 +10,7 @@ Encoding, retrieval and re-ranking are classes of their own (serving/encoder.py,
 serving/rerank.py); whether each runs as a deployment behind a hop or as a function call inside its caller is
 `encoder.placement`, `retrieval.placement` and `rerank.placement`. A hop costs more latency and CPU than a tiny
 model's forward pass, a batch of knn queries or of MMR, so on a small CPU machine the stages are fastest inside
-the ingress (BENCHMARKS.md section 2); their own deployments are what scales them apart from the ingress: the
+the ingress (docs/benchmarks/serving.md); their own deployments are what scales them apart from the ingress: the
 Encoder pool autoscales and takes GPUs (the Kubernetes configs), the index can be sharded (`retrieval.num_shards`
 needs the Retrieval deployment). MMR runs inside retrieval by default. Replicas, autoscaling, queues and resources
 come from the Serve config's `deployments:`; each model deployment's `user_config: {artifact_path}` loads the

@@ -22,8 +22,6 @@ from seqrank.serving.validation import Limits
 SERVE_CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")  # the one Serve config
 # Topology. Where the encoder and retrieval run: inside the ingress replica (a function call) or as their own
 # deployments (a hop each); where the MMR re-ranker runs: inside retrieval (a function call) or as its own deployment.
-ENCODER_IN_INGRESS = "ingress"
-RETRIEVAL_IN_INGRESS = "ingress"
 RERANK_IN_RETRIEVAL = "retrieval"
 OWN_DEPLOYMENT = "deployment"
 
@@ -40,13 +38,12 @@ class Section(BaseModel):
 class EncoderArgs(Section):
     # deployment: its own replica pool, scaled and placed apart from the ingress (autoscaling, GPU, bf16: the
     # choice for Kubernetes and for any model bigger than a toy); ingress: the forward pass in the ingress replica,
-    # on its CPUs, one hop fewer (a hop costs more than a small model's forward pass on a small machine: BENCHMARKS.md
-    # section 2). Batch options below apply to the deployment; in the ingress, its own batches are the encoder's.
+    # on its CPUs, one hop fewer (a hop costs more than a small model's forward pass on a small machine: docs/benchmarks/serving.md). Batch options below apply to the deployment; in the ingress, its own batches are the encoder's.
     placement: Literal["ingress", "deployment"] = OWN_DEPLOYMENT
     max_batch_size: int = Field(64, ge=1)  # >= ingress.max_batch_size: one ingress batch always fits
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
     # A replica given a GPU runs the model with bf16 weights (every activation bf16, no autocast), in fp32, or
-    # (auto) in bf16 from a width of 256 up. Measured on an H200 (BENCHMARKS.md 6b): 8 layers of width 512 run 5.7x
+    # (auto) in bf16 from a width of 256 up. Measured on an H200 (docs/benchmarks/encoder.md, "Encoder speed on the H200"): 8 layers of width 512 run 5.7x
     # faster in bf16 than in fp32 at batch 1024 and 1.2x faster than under bf16 autocast; width 64 is bound by
     # kernel launches, where bf16 only adds casts (fp32 1.7x faster). CPU replicas always run fp32.
     gpu_precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -66,7 +63,7 @@ class RetrievalArgs(Section):
     # deployments (item i in shard (i - 1) % num_shards), each with its own replicas; Retrieval merges their top-k.
     num_shards: int = Field(1, ge=1)
     # MiB one shard replica may spend on its index (vectors included); `seqrank serve` and `seqrank deploy` raise
-    # num_shards until the artifact's index fits (serving/deploy.py `plan_shards`). None: no budget.
+    # num_shards until the artifact's index fits (serving/ops/deploy.py `plan_shards`). None: no budget.
     shard_memory_budget_mb: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -104,7 +101,7 @@ class LocalArgs(Section):
     metrics_export_port: int = Field(8080, ge=1, le=65535)  # Prometheus scrape port of Ray's metrics agent
     dashboard_port: int = Field(8265, ge=1, le=65535)  # Serve's REST API, which applies configs in place
     # Ray's documented high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 on every Ray process: gRPC between
-    # replicas, user code on the replica's main loop). Measured on 2 cores (BENCHMARKS.md section 2): it helps while
+    # replicas, user code on the replica's main loop). Measured on 2 cores (docs/benchmarks/serving.md): it helps while
     # deployment hops remain (Rank p50 4.8x -> 3.7x the echo with the Encoder and Retrieval deployments), not with
     # both stages in the ingress (2.6x either way). Cluster-wide, so off unless asked for; on Kubernetes it is the
     # containers' environment.

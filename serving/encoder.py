@@ -73,7 +73,7 @@ class LoadedEncoder:
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class PreparedHistory:
     loaded: LoadedEncoder
     items: np.ndarray  # (n,) int64 item indices, n >= 1, oldest first
     behaviors: np.ndarray  # (n,) int64 behaviour indices
@@ -102,15 +102,15 @@ class EncoderStage:
             model = model.to(dtype)
         return LoadedEncoder(catalogue=Catalogue.from_artifact(artifact), model=model)
 
-    def prepare(self, request: EncodeRequest) -> _Prepared:
+    def prepare(self, request: EncodeRequest) -> PreparedHistory:
         """Resolves the model version (VersionUnavailable) and the history's indices; runs before batching."""
         loaded = self.models.resolve(request.model_version)
         items, behaviors = loaded.catalogue.history_indices(request.history)
         if items.size == 0:  # only mid-rollout: the ingress checked the history against its own version
             raise Unavailable("model_version", f"{loaded.model_version} knows none of the history's items")
-        return _Prepared(loaded, items, behaviors)
+        return PreparedHistory(loaded, items, behaviors)
 
-    async def user_vectors(self, batch: list[_Prepared]) -> list[np.ndarray]:
+    async def user_vectors(self, batch: list[PreparedHistory]) -> list[np.ndarray]:
         """(D,) float32 vectors of prepared histories, in order: one forward pass per model version in the batch,
         in a worker thread, so the event loop keeps serving (and batching) meanwhile."""
         self._metrics.observe_batch(STAGE_ENCODE, len(batch))
@@ -121,7 +121,7 @@ class EncoderStage:
         prepared = [self.prepare(request) for request in requests]
         return encoded_users(prepared, await self.user_vectors(prepared))
 
-    def _forward(self, batch: list[_Prepared]) -> list[np.ndarray]:
+    def _forward(self, batch: list[PreparedHistory]) -> list[np.ndarray]:
         vectors: list[np.ndarray] = [None] * len(batch)  # type: ignore[list-item]
         for loaded, positions in group_by_model(batch, lambda prepared: prepared.loaded):
             user_vectors = encode_histories(
@@ -135,7 +135,7 @@ class EncoderStage:
         return vectors
 
 
-def encoded_users(prepared: list[_Prepared], vectors: list[np.ndarray]) -> list[EncodedUser]:
+def encoded_users(prepared: list[PreparedHistory], vectors: list[np.ndarray]) -> list[EncodedUser]:
     return [EncodedUser(user_vector=vector, model_version=p.loaded.model_version)
             for vector, p in zip(vectors, prepared)]
 
@@ -162,5 +162,5 @@ class Encoder:
         return encoded_users(prepared, await self._encode_batch(prepared))
 
     @serve.batch(batch_size_fn=count_items)
-    async def _encode_batch(self, calls: list[list[_Prepared]]) -> list[list[np.ndarray]]:
+    async def _encode_batch(self, calls: list[list[PreparedHistory]]) -> list[list[np.ndarray]]:
         return split(await self._stage.user_vectors(flatten(calls)), calls)

@@ -21,10 +21,8 @@ from seqrank.serving.batching import count_items, flatten, split
 from seqrank.serving.config import RerankArgs
 from seqrank.serving.messages import CandidateSet, RankedItem, RankedList, RerankRequest
 from seqrank.serving.metrics import STAGE_RERANK, ServingMetrics
+from seqrank.training.vocab import behavior_verb
 
-# Verb for "because you <verb> <item>"; behaviour names not listed (and "") read as "interacted with".
-BEHAVIOR_VERBS = {"pv": "viewed", "cart": "added to cart", "fav": "saved", "buy": "bought"}
-DEFAULT_VERB = "interacted with"
 _EPS = 1e-12
 
 
@@ -108,7 +106,7 @@ def supporting_history(item_vectors: np.ndarray, history_vectors: np.ndarray) ->
 
 def explanation(behavior: str, raw_item_id: str) -> str:
     """Short reason shown with a ranked item, e.g. "because you viewed sku-00042"."""
-    return f"because you {BEHAVIOR_VERBS.get(behavior, DEFAULT_VERB)} {raw_item_id}"
+    return f"because you {behavior_verb(behavior)} {raw_item_id}"
 
 
 def rerank(candidates: CandidateSet, k: int, diversity: float) -> RankedList:

@@ -135,7 +135,7 @@ class LoadedIndex:
 
 
 @dataclass(frozen=True)
-class _Search:
+class IndexSearch:
     """One request's query, ready for the batched index search."""
 
     loaded: LoadedIndex
@@ -164,7 +164,7 @@ class RetrievalStage:
             metrics.observe_reload,
         )
 
-    def prepare(self, request: RetrievalRequest) -> _Search:
+    def prepare(self, request: RetrievalRequest) -> IndexSearch:
         """Resolves the model version (VersionUnavailable) and the exclusions; sizes the over-fetch."""
         loaded = self.models.resolve(request.user.model_version)
         catalogue = loaded.catalogue
@@ -173,10 +173,10 @@ class RetrievalStage:
         seen = history_items if request.exclude_seen else None
         excluded = excluded_indices(catalogue, request.exclude_item_ids, seen)
         fetch = fetch_size(request.num_candidates, len(excluded), catalogue.num_items)
-        return _Search(loaded, request.user.user_vector, fetch, excluded, request.num_candidates, history,
+        return IndexSearch(loaded, request.user.user_vector, fetch, excluded, request.num_candidates, history,
                        history_items)
 
-    def search(self, searches: list[_Search]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def search(self, searches: list[IndexSearch]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(labels, inner products) per query, best first: one knn_query per model version in the batch."""
         self._metrics.observe_batch(STAGE_RETRIEVE, len(searches))
         results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(searches)  # type: ignore[list-item]
@@ -185,7 +185,7 @@ class RetrievalStage:
             _assign(results, searches, positions, labels, ip_scores(distances))
         return results
 
-    async def search_async(self, searches: list[_Search]) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def search_async(self, searches: list[IndexSearch]) -> list[tuple[np.ndarray, np.ndarray]]:
         """`search`, or with shards one call per shard per model version in the batch, merged."""
         if self._shards is None:
             return self.search(searches)
@@ -196,7 +196,7 @@ class RetrievalStage:
             _assign(results, searches, positions, labels, scores)
         return results
 
-    def candidates(self, search: _Search, labels: np.ndarray, scores: np.ndarray) -> CandidateSet:
+    def candidates(self, search: IndexSearch, labels: np.ndarray, scores: np.ndarray) -> CandidateSet:
         loaded = search.loaded
         if loaded.transitions is not None and len(search.history_items):
             labels, scores = add_transition_prior(labels, scores, search.user_vector, int(search.history_items[-1]),
@@ -219,14 +219,14 @@ class RetrievalStage:
         return [self.candidates(search, labels, scores) for search, (labels, scores) in zip(searches, results)]
 
 
-def _model_groups(searches: list[_Search]):
+def _model_groups(searches: list[IndexSearch]):
     """(loaded, positions, vectors (b, D), fetch) per model version in the batch; fetch = the longest asked."""
     for loaded, positions in group_by_model(searches, lambda search: search.loaded):
         fetch = max(searches[p].fetch for p in positions)
         yield loaded, positions, np.stack([searches[p].user_vector for p in positions]), fetch
 
 
-def _assign(results: list, searches: list[_Search], positions: list[int], labels: np.ndarray,
+def _assign(results: list, searches: list[IndexSearch], positions: list[int], labels: np.ndarray,
             scores: np.ndarray) -> None:
     for row, position in enumerate(positions):
         own = searches[position].fetch  # a longer beam's first `own` results are at least as good
@@ -263,5 +263,5 @@ class Retrieval:
         return [self._stage.candidates(search, labels, scores) for search, (labels, scores) in zip(searches, results)]
 
     @serve.batch(batch_size_fn=count_items)
-    async def _search_batch(self, calls: list[list[_Search]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    async def _search_batch(self, calls: list[list[IndexSearch]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         return split(await self._stage.search_async(flatten(calls)), calls)

@@ -45,7 +45,7 @@ class IndexParams:
     `norm_augmented`: items are indexed with sqrt(max|x|^2 - |x|^2) appended and queries with a 0, so inner
     products (and their ranking) are unchanged while the graph is built over equal-norm vectors; see
     `augment_items`; it needs a wider beam for the same recall@10 but keeps gaining recall@100 where the plain
-    index levels off (BENCHMARKS.md, "Scale out"). `seqrank export --norm-augment` sets it.
+    index levels off (docs/benchmarks/retrieval.md, "HNSW against exact inner-product search"). `seqrank export --norm-augment` sets it.
     """
 
     space: str = "ip"
@@ -61,7 +61,7 @@ def augment_items(vectors: np.ndarray) -> np.ndarray:
     With a 0 appended to each query (`augment_queries`), <q', x'> = <q, x>. An inner-product graph over raw
     vectors lets a few long vectors look close to everything, and HNSW recall@100 levels off below 0.99 however
     wide the beam; over equal norms it is a cosine graph (Bachrach et al., RecSys 2014, "Speeding up the Xbox
-    recommender system using a Euclidean transformation for inner-product spaces"). Measured: BENCHMARKS.md,
+    recommender system using a Euclidean transformation for inner-product spaces"). Measured: docs/benchmarks/retrieval.md,
     "Scale out".
     """
     vectors = np.asarray(vectors, dtype=np.float32)

@@ -83,7 +83,7 @@ class OptimConfig:
     bf16: bool = True  # bf16 autocast on CUDA only
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     sparse_item_embeddings: bool = False  # item table: sparse gradients + SparseAdam, so a step costs O(rows it
-    # touches), not O(catalogue); for sampled softmax on large catalogues (BENCHMARKS.md, issue 6)
+    # touches), not O(catalogue); for sampled softmax on large catalogues (docs/benchmarks/retrieval.md, "A million-item catalogue")
     cuda_graphs: bool = False  # CUDA only: replay each step's forward and backward as one CUDA graph per batch
     # shape (training/cuda_graphs.py); batches are padded to optim.batch_size rows and a multiple of graph_length
     graph_length: int = 8

@@ -1,7 +1,7 @@
 """The training loss replayed as CUDA graphs: one captured forward and backward per padded batch shape.
 
 A step of the committed recipe on a GPU is launch-bound: about a thousand small kernels per step, each queued by
-Python (BENCHMARKS.md 5b and `scripts/train_step_launches.py`). A CUDA graph records those launches once and
+Python (docs/benchmarks/training-speed.md, "Training on the H200", and `scripts/train_step_launches.py`). A CUDA graph records those launches once and
 replays them with one call. `torch.cuda.make_graphed_callables` does the capture and joins the replay to autograd:
 the graphed forward returns the loss, its backward replays the captured backward and hands the parameter gradients
 to autograd, so clipping and the fused optimiser step stay as they are.

@@ -151,7 +151,7 @@ def build_optimizers(model: SequenceEncoder, optim) -> list[torch.optim.Optimize
     AdamW is the fused kernel: one launch for all parameters instead of a few per tensor, which is most of the
     optimiser's cost for a small model on a GPU. Dense AdamW reads and writes the whole (I+2, D) table and its two
     moment buffers every step, and backward materialises a dense (I+2, D) gradient: O(catalogue) per step, which
-    dominates a sampled-softmax step on a million items (BENCHMARKS.md, issue 6). SparseAdam updates only the rows
+    dominates a sampled-softmax step on a million items (docs/benchmarks/retrieval.md, "A million-item catalogue"). SparseAdam updates only the rows
     a step touched (lazy Adam: a row's moments age only when it is seen); it has no weight decay, so the table
     gets none in that mode.
     """
@@ -186,7 +186,7 @@ def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
 class TrainingStep:
     """One optimiser step on one batch, with no host-device synchronisation: the loss comes back as a device
     tensor, summed over the epoch and read once at its end. On a GPU a step of this small model is launch-bound
-    (BENCHMARKS.md 5b), so a step that never waits lets the host queue the next one while the card works."""
+    (docs/benchmarks/training-speed.md, "Training on the H200"), so a step that never waits lets the host queue the next one while the card works."""
 
     def __init__(self, objective: torch.nn.Module, model: SequenceEncoder, optimizers, schedules, config: TrainConfig,
                  worker: Worker, device: torch.device, amp_dtype: torch.dtype | None):

@@ -234,7 +234,7 @@ def rank_request(artifact_path: Path):
 def grpc_caller_factory(target: str, app_name: str, request, retry: RetryPolicy = NO_RETRY,
                         retries: list | None = None) -> Callable[[], Caller]:
     """Each call of the factory opens its own channel; the caller sends `request` to `app_name`'s Rank, retried
-    like the client retries Rank (serving/client.py); each retry appends its status code name to `retries`.
+    like the client retries Rank (serving/client/ranking_client.py); each retry appends its status code name to `retries`.
     A measured latency includes the retries of its request; an error is counted once all attempts failed."""
     import random
 

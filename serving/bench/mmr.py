@@ -1,6 +1,6 @@
 """`seqrank bench mmr`: wall time of `seqrank.serving.rerank.mmr` on one thread, C candidates down to k.
 
-The target of issue 6: 1,000 candidates to 50 in at most 1 ms on one core. Candidates are clustered vectors
+The target: 1,000 candidates to 50 in at most 1 ms on one core. Candidates are clustered vectors
 (the generator of `seqrank bench ann`) with relevance = inner product with a query from the same mixture, as
 retrieval hands them over; BLAS is limited to one thread, the calls are timed one by one after a warm-up.
 Two clocks per call: wall time, and the calling thread's CPU time (CLOCK_THREAD_CPUTIME_ID), which leaves out

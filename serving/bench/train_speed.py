@@ -35,7 +35,6 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "bf16w": torch.bfloat16}  # the 
 # weights and runs layer norms and residual sums in fp32 (training's mode and serving's default); bf16w casts the
 # weights, so every activation is bf16: half the bytes through the memory-bound elementwise ops.
 PRECISIONS = {"fp32": (None, None), "bf16": (torch.bfloat16, None), "bf16w": (None, torch.bfloat16)}
-COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune-no-cudagraphs")  # "" = eager
 MATMUL_SIZE = {"cuda": 8192, "cpu": 2048}
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from seqrank.serving.cli.render import write_json_report
 from seqrank.serving.cli.train import training_overrides
 
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile modes; "" = eager
+
 
 def add_bench_commands(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
@@ -68,8 +70,7 @@ def add_bench_commands(sub) -> None:
                          help="default: cpu, and cuda when torch sees a GPU")
     encoder.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "bf16w"],
                          help="fp32; bf16 autocast over fp32 weights; bf16w: weights cast to bf16, no autocast")
-    encoder.add_argument("--compile", default="", choices=["", "default", "reduce-overhead",
-                                                           "max-autotune-no-cudagraphs"],
+    encoder.add_argument("--compile", default="", choices=COMPILE_MODES,
                          help="torch.compile mode for the encoder's forward (default: eager)")
     encoder.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     encoder.add_argument("--seconds", type=float, default=2.0, help="timed seconds per cell (at least 3 calls)")

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from seqrank.serving.cli.render import format_response
+from seqrank.serving.client.ranking_client import DEFAULT_GRPC_PORT
 from seqrank.serving.config import SERVE_CONFIG_PATH
 
 
@@ -61,7 +62,7 @@ def serve_until_interrupted(config: dict, config_path: str, num_cpus: float | No
     try:
         print(f"deploying {application(config)['name']} (dashboard {dashboard_url}) ...", flush=True)
         apply(config, dashboard_url)
-        grpc_port = config.get("grpc_options", {}).get("port", 9000)
+        grpc_port = config.get("grpc_options", {}).get("port", DEFAULT_GRPC_PORT)
         print(f"serving gRPC on 127.0.0.1:{grpc_port}, Prometheus metrics on "
               f"http://127.0.0.1:{app_args.local.metrics_export_port}/metrics", flush=True)
         if on_ready is not None:

@@ -45,7 +45,7 @@ def add_train_commands(sub) -> None:
     export.add_argument("--ef-search", type=int, default=200)
     export.add_argument("--norm-augment", action="store_true",
                         help="index norm-augmented vectors: same inner products, higher recall@100 at wide beams "
-                             "(raise --ef-search with it; BENCHMARKS.md, Scale out)")
+                             "(raise --ef-search with it; docs/benchmarks/retrieval.md)")
     export.set_defaults(func=cmd_export)
 
     synth = sub.add_parser("synth", help="write a synthetic event log (CSV) and item attributes (JSON)")

@@ -5,7 +5,7 @@ response messages; `as_dict` turns one into plain JSON-ready data. Errors arrive
 server's status code and a message naming the offending field.
 
 Every call carries a deadline (`timeout_s`, per attempt) and, when given, `authorization: Bearer <token>`.
-Retries (serving/retry.py): Rank, GetModelInfo and Check on UNAVAILABLE, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED;
+Retries (serving/client/retry.py): Rank, GetModelInfo and Check on UNAVAILABLE, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED;
 RecordEvents on UNAVAILABLE and RESOURCE_EXHAUSTED only when it carries an idempotency key: `record` generates
 one when the caller gives none, and every attempt sends the same request, key included. TLS (`TlsConfig`) is for
 a gateway or mesh in front of Serve's plaintext proxy; a client certificate and key make it mTLS.
@@ -29,7 +29,8 @@ from seqrank.serving.client.retry import RetryPolicy, call_with_retry
 from seqrank.serving.history.events import Event
 from seqrank.v1 import ranking_pb2, ranking_pb2_grpc
 
-DEFAULT_TARGET = "127.0.0.1:9000"
+DEFAULT_GRPC_PORT = 9000  # the Serve config's grpc_options.port, which is also Ray Serve's default
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_GRPC_PORT}"
 APPLICATION_METADATA_KEY = "application"  # routes to a Serve app; optional while exactly one is deployed
 DEFAULT_TIMEOUT_S = 10.0
 IDEMPOTENCY_KEY_PREFIX = "seqrank-client-"  # + 32 hex digits: a key the client generated

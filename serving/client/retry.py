@@ -5,7 +5,7 @@ initial_backoff_s * multiplier**n)] ("full jitter", https://aws.amazon.com/blogs
 clients rejected together by a full queue come back spread out instead of in the same instant.
 What is retryable is the caller's rule, given as a predicate: `Rank` reads only, so it is always retried on
 UNAVAILABLE, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED; `RecordEvents` writes, so it is retried (UNAVAILABLE,
-RESOURCE_EXHAUSTED) only when it carries an idempotency key, the same on every attempt (serving/client.py).
+RESOURCE_EXHAUSTED) only when it carries an idempotency key, the same on every attempt (serving/client/ranking_client.py).
 Pure: no gRPC here; the clock, the sleep and the random source come in as arguments.
 """
 

@@ -1,6 +1,6 @@
 """The Redis backend of `HistoryStore`: one store shared by every replica on every node of a cluster.
 
-Same contract as the SQLite backend in `serving/history.py`: per-user histories ordered by
+Same contract as the SQLite backend in `serving/history/sqlite_store.py`: per-user histories ordered by
 (timestamp, insertion sequence) and bounded to the newest `max_events_per_user`, exact duplicates dropped,
 idempotency keys remembered with their payload's hash for `idempotency_ttl_s`, each call all-or-nothing.
 

@@ -162,7 +162,7 @@ def test_a_full_queue_answers_resource_exhausted_at_once(guarded, item_ids):
     assert codes[grpc.StatusCode.OK] >= 1 and codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= BURST // 2, codes
     rejected = sorted(seconds for code, seconds, _ in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED)
     # refused without waiting for capacity: every rejection lands long before the deadline a queued call would
-    # run into (a wall-clock bound only, loose enough for a loaded 2-core machine; timings belong to RELIABILITY.md)
+    # run into (a wall-clock bound only, loose enough for a loaded 2-core machine; timings belong to docs/reliability.md)
     assert rejected[-1] < DEADLINE_S / 3, rejected
     median_ms, max_ms = 1000 * rejected[len(rejected) // 2], 1000 * rejected[-1]
     print(f"\nburst of {BURST} against 1 running + 1 queued: {({c.name: n for c, n in codes.items()})}, "

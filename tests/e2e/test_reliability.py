@@ -1,4 +1,4 @@
-"""Faults under bounded load, over real gRPC on loopback (issue 5); RELIABILITY.md reports what these measure.
+"""Faults under bounded load, over real gRPC on loopback; docs/reliability.md reports what these measure.
 
 - An Encoder replica killed with SIGKILL under load: Serve replaces it; requests caught in the dying replica fail
   UNAVAILABLE (never INTERNAL), and none fail for a client that retries UNAVAILABLE with backoff.
@@ -50,7 +50,7 @@ MAX_ENCODER_KILLS = 3  # most kills catch a batch in the encoder; a kill between
 LOAD_MAX_S = 240.0  # every load stops by itself after this, whatever happens
 REPLACE_TIMEOUT_S = 150.0  # Serve notices a dead replica at its next health check (10 s), then starts a new one
 CALL_TIMEOUT_S = 60.0
-CLIENT_RETRIES = RetryPolicy()  # serving.client's default policy (serving/retry.py)
+CLIENT_RETRIES = RetryPolicy()  # the client's default policy (serving/client/retry.py)
 REDIS_APP = "seqrank-redis"
 MAX_EVENTS_PER_USER = 200  # the committed config's bound: stores are opened with it to read everything back
 
@@ -92,7 +92,7 @@ def clients_of(service, app_name: str, retry: RetryPolicy = NO_RETRY):
 
 
 def summary(label: str, outcomes) -> str:
-    """One line for the test log (RELIABILITY.md quotes these): calls by code, retries, slowest call."""
+    """One line for the test log (docs/reliability.md quotes these): calls by code, retries, slowest call."""
     codes = Counter(outcome.code for outcome in outcomes)
     retried = sum(1 for outcome in outcomes if outcome.attempts > 1)
     slowest_s = max((outcome.finished - outcome.started for outcome in outcomes), default=0.0)

@@ -215,7 +215,7 @@ def test_dev_redis_service_statefulset_and_secret_agree(rendered):
     container_ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     (service_port,) = service["spec"]["ports"]
     assert service_port["targetPort"] in container_ports
-    # Durability as serving/history_redis.py documents it: AOF fsynced before each reply.
+    # Durability as serving/history/redis_store.py documents it: AOF fsynced before each reply.
     args = container["args"]
     assert args[args.index("--appendonly") + 1] == "yes" and args[args.index("--appendfsync") + 1] == "always"
     url = only(objects, "Secret", "seqrank-history")["stringData"]["url"]

@@ -1,5 +1,5 @@
 """Device and precision choice of the encoder replica. No GPU here: CUDA availability and GPU ids are passed in
-(mocked), and the bf16 GPU path is only checked to be chosen here; scripts/gpu_check.py runs it on a lent GPU."""
+(mocked), and the bf16 GPU path is only checked to be chosen here; scripts/gpu_check.py runs it on a GPU."""
 
 import numpy as np
 import pytest
