@@ -3,7 +3,9 @@
 An artifact directory describes itself: a manifest (version, data fingerprint, metrics, encoder config, index
 parameters, sha256 of every file), encoder weights (safetensors), item vectors (float32 .npy), an hnswlib
 inner-product index, and the raw item ids. Nothing in it is a pickle, and `load_artifact` verifies every
-checksum before anything is used, so a truncated copy or a swapped file is refused instead of served.
+checksum before anything is used, so a truncated copy or a swapped file is refused instead of served. The manifest
+itself is not signed, so the loader also confines every name it lists to the directory and checks every array's
+shape and dtype against its `num_items` and `dim` (docs/artifact.md, "What the loader checks").
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import json
 import os
 import secrets
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from seqrank.training.transitions import COUNTS_FILE, INDPTR_FILE, SUCCESSORS_FILE, TransitionPrior, load_transitions
 from seqrank.training.transitions import FILES as TRANSITION_FILES
-from seqrank.training.transitions import TransitionPrior, load_transitions
 from seqrank.training.vocab import PAD_INDEX
 
 FORMAT_VERSION = 1
@@ -141,12 +144,40 @@ class Artifact:
         return list(self.manifest.get("behavior_names", []))
 
     def load_index(self, ef_search: int | None = None) -> ItemIndex:
-        """Load the hnswlib index; `ef_search` defaults to the exported one."""
+        """Load the hnswlib index and check it against the catalogue; `ef_search` defaults to the exported one.
+
+        hnswlib takes the element count from the file (not `max_elements`) and the dimension from the caller
+        without comparing it to the file's, so an index over another catalogue, or a plain index read as
+        `norm_augmented` (one coordinate too many per vector), would load and return labels that are not this
+        artifact's items, or distances over misread vectors. Hence: labels must be exactly 1..num_items, and a
+        sample of stored vectors must equal the item vectors the index was built from. (An augmented index read
+        as plain reads each vector's first D coordinates, the item vector itself: exact, nothing to refuse.)
+        """
         import hnswlib
 
         params = self.index_params
+        index_path = self.path / INDEX_FILE
         index = hnswlib.Index(space=params.space, dim=self.dim + int(params.norm_augmented))
-        index.load_index(str(self.path / INDEX_FILE), max_elements=self.num_items)
+        try:
+            index.load_index(str(index_path), max_elements=self.num_items)
+        except RuntimeError as exc:  # hnswlib: "Index seems to be corrupted or unsupported"
+            raise ArtifactError(f"{index_path}: not a readable hnswlib index ({exc})") from None
+        count = index.get_current_count()
+        if count != self.num_items:
+            raise ArtifactError(f"{index_path}: {count} elements, expected num_items = {self.num_items}")
+        labels = np.sort(np.asarray(index.get_ids_list(), dtype=np.int64))
+        if not np.array_equal(labels, np.arange(PAD_INDEX + 1, self.num_items + 1)):
+            raise ArtifactError(f"{index_path}: labels are not the item indices 1..{self.num_items}")
+        sample = labels[np.linspace(0, len(labels) - 1, num=min(len(labels), 32), dtype=np.int64)]
+        expected = self.item_vectors[sample]
+        if params.norm_augmented:  # the extra coordinate depends on the largest norm over all items
+            norms_sq = np.einsum("id,id->i", self.item_vectors[PAD_INDEX + 1:], self.item_vectors[PAD_INDEX + 1:],
+                                 dtype=np.float64)
+            extra = np.sqrt(np.maximum(norms_sq.max(initial=0.0) - norms_sq[sample - (PAD_INDEX + 1)], 0.0))
+            expected = np.hstack([expected, extra[:, None].astype(np.float32)])
+        if len(sample) and not np.allclose(index.get_items(sample), expected, rtol=1e-4, atol=1e-5):
+            raise ArtifactError(f"{index_path}: stored vectors differ from {ITEM_VECTORS_FILE} (dim {self.dim}, "
+                                f"norm_augmented {params.norm_augmented}); the index belongs to another artifact")
         index.set_ef(max(ef_search or params.ef_search, 1))
         return ItemIndex(index, params.norm_augmented)
 
@@ -251,19 +282,163 @@ def load_array(path: Path) -> np.ndarray:
     return array
 
 
+KIND_NAMES = {"f": "floating", "iu": "integer", "iuf": "numeric"}
+
+
+def check_contained(root: Path, manifest_path: Path, key: str, name: object) -> None:
+    """A name the manifest lists under `key` must be a plain file name that stays inside the artifact directory.
+
+    The manifest is not signed (it carries the checksums), so its names are input: `../x` or `/etc/hostname`
+    would make the loader read and hash files outside the artifact. A name must be one path component (no
+    separators, not `.` or `..`), and must resolve inside the artifact directory, so a symlink that leaves it is
+    refused too. `root` is the resolved artifact directory (which may itself be a symlink, e.g. `current -> v3`).
+    """
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise ArtifactError(f"{manifest_path}: {key} entry {name!r} is not a plain file name inside the artifact "
+                            f"directory")
+    try:
+        resolved = (root / name).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise ArtifactError(f"{manifest_path}: {key} entry {name!r} cannot be resolved ({exc})") from None
+    if resolved == root or not resolved.is_relative_to(root):
+        raise ArtifactError(f"{manifest_path}: {key} entry {name!r} resolves to {resolved}, outside the artifact "
+                            f"directory {root}")
+
+
+def manifest_int(manifest: dict, key: str, minimum: int, where: str) -> int:
+    """An integer the manifest (or its encoder_config) must hold; JSON true/false is not one."""
+    value = manifest.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ArtifactError(f"{where}: {key} {value!r} is not an integer >= {minimum}")
+    return value
+
+
+def check_array(path: Path, array: np.ndarray, shape: tuple, kinds: str, what: str) -> None:
+    """Shape and dtype kind ("f", "iu" or "iuf") of a loaded array, or an ArtifactError naming the file."""
+    if array.shape != shape:
+        raise ArtifactError(f"{path}: shape {array.shape}, expected {shape} ({what})")
+    if array.dtype.kind not in kinds:
+        raise ArtifactError(f"{path}: dtype {array.dtype}, expected {KIND_NAMES[kinds]} ({what})")
+
+
+def load_item_ids(path: Path, num_items: int) -> list[str]:
+    """item_ids.json: num_items + 1 strings, "" at PAD_INDEX, the rest non-empty and unique (a raw id maps to one
+    item index; a duplicate would make one of the two items unreachable)."""
+    try:
+        item_ids = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(item_ids, list) or not all(isinstance(raw, str) for raw in item_ids):
+        raise ArtifactError(f"{path}: expected a JSON list of strings")
+    if len(item_ids) != num_items + 1:
+        raise ArtifactError(f"{path}: {len(item_ids)} ids, expected num_items + 1 = {num_items + 1} (PAD first)")
+    if item_ids[PAD_INDEX] != "":
+        raise ArtifactError(f"{path}: id {item_ids[PAD_INDEX]!r} at the PAD index {PAD_INDEX}, expected ''")
+    real = item_ids[PAD_INDEX + 1:]
+    if "" in real:
+        raise ArtifactError(f"{path}: empty id at item index {real.index('') + PAD_INDEX + 1}")
+    if len(set(real)) != len(real):
+        duplicate = next(raw for raw, count in Counter(real).items() if count > 1)
+        raise ArtifactError(f"{path}: id {duplicate!r} appears more than once")
+    return item_ids
+
+
+def load_item_attributes(path: Path, num_items: int, encoder_config: dict, manifest_path: Path) -> np.ndarray:
+    """(num_items + 1, A_max) integer attribute indices in 0..num_attributes (0 pads), as the encoder was built.
+
+    The width is max(max_attributes_per_item, 1) (the encoder's attribute table) and the values stay within the
+    attribute vocabulary when encoder_config says them; an artifact whose config does not is checked for rows and
+    dtype only.
+    """
+    attributes = load_array(path)
+    where = f"{manifest_path}: encoder_config"
+    width = attributes.shape[1] if attributes.ndim == 2 else -1
+    if "max_attributes_per_item" in encoder_config:
+        width = max(manifest_int(encoder_config, "max_attributes_per_item", 0, where), 1)
+    check_array(path, attributes, (num_items + 1, width), "iu",
+                "num_items + 1 rows with PAD, encoder_config max_attributes_per_item columns")
+    vocabulary = None
+    if "num_attributes" in encoder_config:
+        vocabulary = manifest_int(encoder_config, "num_attributes", 0, where)
+    low, high = (int(attributes.min()), int(attributes.max())) if attributes.size else (0, 0)
+    if low < 0 or (vocabulary is not None and high > vocabulary):
+        expected = "0 or more" if vocabulary is None else f"0..{vocabulary} (encoder_config num_attributes)"
+        raise ArtifactError(f"{path}: values in {low}..{high}, expected {expected}; 0 pads")
+    return attributes
+
+
+def load_artifact_transitions(path: Path, manifest: dict, num_items: int) -> TransitionPrior:
+    """The transition prior's CSR arrays, checked so that every lookup stays inside the catalogue.
+
+    indptr (num_items + 2,) integer, 0 first, non-decreasing, ending at the number of pairs; successors (P,)
+    integer item indices 1..num_items (serving writes them into (num_items + 1)-wide rows); counts (P,) finite
+    and > 0 (log1p of a negative count is NaN). The dtypes are checked before `load_transitions` casts them, so a
+    float array is refused rather than truncated.
+    """
+    settings = manifest["transitions"]
+    weight = settings.get("weight") if isinstance(settings, dict) else None
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not np.isfinite(weight) or weight < 0:
+        raise ArtifactError(f"{path / MANIFEST_FILE}: transitions weight {weight!r} is not a finite number >= 0")
+    kinds = {INDPTR_FILE: "iu", SUCCESSORS_FILE: "iu", COUNTS_FILE: "iuf"}
+
+    def load_checked(file_path: Path) -> np.ndarray:
+        array = load_array(file_path)
+        if array.ndim != 1 or array.dtype.kind not in kinds[file_path.name]:
+            raise ArtifactError(f"{file_path}: shape {array.shape} dtype {array.dtype}, expected a 1-d "
+                                f"{KIND_NAMES[kinds[file_path.name]]} array")
+        return array
+
+    try:
+        prior = load_transitions(path, weight, load_checked)
+    except ArtifactError:
+        raise
+    except ValueError as exc:  # load_transitions: "transition arrays disagree in length"
+        raise ArtifactError(str(exc)) from None
+    if prior is None:  # every file was listed and verified above; unreachable unless removed meanwhile
+        raise ArtifactError(f"{path}: transition prior files missing")
+    if prior.indptr.shape != (num_items + 2,):
+        raise ArtifactError(f"{path / INDPTR_FILE}: shape {prior.indptr.shape}, expected ({num_items + 2},) "
+                            f"(num_items + 2)")
+    pairs = len(prior.successors)
+    if prior.indptr[0] != 0 or np.any(np.diff(prior.indptr) < 0) or prior.indptr[-1] != pairs:
+        raise ArtifactError(f"{path / INDPTR_FILE}: not a CSR row pointer (0 first, non-decreasing, {pairs} last)")
+    if pairs and (prior.successors.min() < PAD_INDEX + 1 or prior.successors.max() > num_items):
+        raise ArtifactError(f"{path / SUCCESSORS_FILE}: item indices {prior.successors.min()}.."
+                            f"{prior.successors.max()}, expected 1..{num_items}")
+    if pairs and not (np.isfinite(prior.counts).all() and prior.counts.min() > 0):
+        raise ArtifactError(f"{path / COUNTS_FILE}: counts must be finite and > 0")
+    if "pairs" in settings and settings["pairs"] != pairs:
+        raise ArtifactError(f"{path / MANIFEST_FILE}: transitions pairs {settings['pairs']!r}, the arrays hold {pairs}")
+    return prior
+
+
 def load_artifact(path: str | Path) -> Artifact:
-    """Verify every checksum, then load; raises ArtifactError naming the first bad file."""
+    """Verify every file name and checksum, then load and check every array's shape and dtype against the manifest.
+
+    Raises ArtifactError naming the first bad file: the manifest names only plain files inside the directory, and
+    nothing that serving indexes with an item index (vectors, ids, popularity, attributes, the transition prior)
+    can be shorter or longer than the catalogue, so a bad artifact is refused at load, not at some later request.
+    """
     path = Path(path)
+    root = path.resolve()
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise ArtifactError(f"{manifest_path}: missing; not a seqrank artifact directory")
+    check_contained(root, manifest_path, "manifest", MANIFEST_FILE)
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path}: expected a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
     files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{manifest_path}: files is not a JSON object of file name -> sha256")
+    for name in files:
+        check_contained(root, manifest_path, "files", name)  # every name before any file is read
     for name in REQUIRED_FILES:
         if name not in files:
             raise ArtifactError(f"{path / name}: not listed in the manifest; incomplete artifact")
@@ -273,25 +448,35 @@ def load_artifact(path: str | Path) -> Artifact:
             raise ArtifactError(f"{file_path}: missing; incomplete artifact")
         if sha256_file(file_path) != expected:
             raise ArtifactError(f"{file_path}: sha256 mismatch; the artifact is corrupted")
+    num_items = manifest_int(manifest, "num_items", 0, str(manifest_path))
+    dim = manifest_int(manifest, "dim", 1, str(manifest_path))
+    encoder_config = manifest.get("encoder_config", {})
+    if not isinstance(encoder_config, dict):
+        raise ArtifactError(f"{manifest_path}: encoder_config is not a JSON object")
+    if encoder_config.get("num_items", num_items) != num_items:
+        raise ArtifactError(f"{manifest_path}: encoder_config num_items {encoder_config['num_items']!r}, "
+                            f"the manifest's num_items {num_items}")
+
     item_vectors = load_array(path / ITEM_VECTORS_FILE)
-    item_ids = json.loads((path / ITEM_IDS_FILE).read_text())
-    if item_vectors.shape != (manifest["num_items"] + 1, manifest["dim"]) or len(item_ids) != manifest["num_items"] + 1:
-        raise ArtifactError(f"{path / ITEM_VECTORS_FILE}: shape {item_vectors.shape} disagrees with the manifest")
+    check_array(path / ITEM_VECTORS_FILE, item_vectors, (num_items + 1, dim), "f", "num_items + 1, dim")
+    if item_vectors.dtype != np.float32:  # what the index was built from and what serving scores with
+        raise ArtifactError(f"{path / ITEM_VECTORS_FILE}: dtype {item_vectors.dtype}, expected float32")
+    if not np.isfinite(item_vectors).all():
+        raise ArtifactError(f"{path / ITEM_VECTORS_FILE}: contains NaN or infinite values")
+    item_ids = load_item_ids(path / ITEM_IDS_FILE, num_items)
+    popularity = load_array(path / ITEM_POPULARITY_FILE)
+    check_array(path / ITEM_POPULARITY_FILE, popularity, (num_items + 1,), "iuf", "num_items + 1")
+    if not (np.isfinite(popularity).all() and (popularity >= 0).all()):
+        raise ArtifactError(f"{path / ITEM_POPULARITY_FILE}: counts must be finite and >= 0")
     attributes = None
     if ITEM_ATTRIBUTES_FILE in files:
-        attributes = load_array(path / ITEM_ATTRIBUTES_FILE)
+        attributes = load_item_attributes(path / ITEM_ATTRIBUTES_FILE, num_items, encoder_config, manifest_path)
     transitions = None
     if "transitions" in manifest:
         for name in TRANSITION_FILES:
             if name not in files:
                 raise ArtifactError(f"{path / name}: not listed in the manifest; incomplete artifact")
-        try:
-            transitions = load_transitions(path, manifest["transitions"]["weight"], load_array)
-        except ValueError as exc:
-            raise ArtifactError(str(exc)) from None
-        if transitions.num_items != manifest["num_items"]:
-            raise ArtifactError(f"{path}: the transition prior covers {transitions.num_items} items, "
-                                f"the manifest {manifest['num_items']}")
+        transitions = load_artifact_transitions(path, manifest, num_items)
     return Artifact(
         path=path,
         manifest=manifest,
@@ -299,6 +484,6 @@ def load_artifact(path: str | Path) -> Artifact:
         item_ids=item_ids,
         item_index_of={raw: index for index, raw in enumerate(item_ids) if index != PAD_INDEX},
         item_attributes=attributes,
-        item_popularity=load_array(path / ITEM_POPULARITY_FILE),
+        item_popularity=popularity,
         transitions=transitions,
     )

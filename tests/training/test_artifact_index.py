@@ -4,16 +4,21 @@ catalogue, lifts recall where it does not, and manifests from before the option 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from seqrank.training.artifact import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    ArtifactError,
     IndexParams,
     augment_items,
     augment_queries,
     build_hnsw_index,
     load_artifact,
+    sha256_file,
     write_artifact,
 )
 from seqrank.training.export import exact_top_k
@@ -87,3 +92,63 @@ def test_artifact_index_round_trip(tmp_path, augmented):
         np.testing.assert_array_equal(labels, exact)
     else:  # even a beam as wide as the catalogue misses items of the raw inner-product graph here (about 0.7)
         assert recall(labels, exact) < 0.99
+
+
+def small_artifact(tmp_path, augmented: bool = False):
+    """600 clustered items in 8 dims, written like an export; returns (path, vectors, params)."""
+    vectors = clustered(600, 8, seed=5)
+    params = IndexParams(M=8, ef_construction=50, ef_search=50, norm_augmented=augmented)
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"not a real encoder")
+    path = write_artifact(
+        tmp_path / "artifact", encoder_weights=weights, item_vectors=vectors,
+        item_ids=[""] + [f"i{n}" for n in range(1, 601)], item_attributes=None,
+        item_popularity=np.ones(601, dtype=np.float32), index_params=params,
+        manifest_fields={"model_version": "v", "data_fingerprint": "f", "metrics": {}, "encoder_config": {},
+                         "behavior_names": []},
+    )
+    return path, vectors, params
+
+
+def swap_index(path, index) -> None:
+    """Replace the artifact's index by `index` and re-sign the manifest, so only load_index can object."""
+    index.save_index(str(path / INDEX_FILE))
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest["files"][INDEX_FILE] = sha256_file(path / INDEX_FILE)
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_an_index_over_fewer_items_than_the_catalogue_is_refused(tmp_path):
+    path, vectors, params = small_artifact(tmp_path)
+    swap_index(path, build_hnsw_index(vectors, params, items=np.arange(1, 501)))  # another (older, smaller) catalogue
+    artifact = load_artifact(path)  # the arrays are consistent; the index is checked when it is loaded
+    with pytest.raises(ArtifactError, match=re.escape(f"{INDEX_FILE}: 500 elements, expected num_items = 600")):
+        artifact.load_index()
+
+
+def test_an_index_whose_labels_are_not_the_catalogues_items_is_refused(tmp_path):
+    path, vectors, params = small_artifact(tmp_path)
+    wider = np.vstack([vectors, vectors[1:2]])  # labels 2..601: as many elements, one label past the catalogue
+    swap_index(path, build_hnsw_index(wider, params, items=np.arange(2, 602)))
+    with pytest.raises(ArtifactError, match=re.escape(f"{INDEX_FILE}: labels are not the item indices 1..600")):
+        load_artifact(path).load_index()
+
+
+def test_a_plain_index_read_as_norm_augmented_is_refused(tmp_path):
+    """hnswlib takes the dimension from the caller: a manifest flipped to `norm_augmented` would read each stored
+    vector with one coordinate too many (the bytes after it) and serve distances over misread vectors. (The other
+    way round reads the first D coordinates of D + 1, which are the item vectors: exact inner products, nothing
+    to refuse.)"""
+    path, _, _ = small_artifact(tmp_path)
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest["index"]["norm_augmented"] = True
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))  # the manifest is not checksummed
+    with pytest.raises(ArtifactError, match=re.escape(f"{INDEX_FILE}: stored vectors differ from")):
+        load_artifact(path).load_index()
+
+
+def test_an_index_over_other_vectors_is_refused(tmp_path):
+    path, vectors, params = small_artifact(tmp_path)
+    swap_index(path, build_hnsw_index(vectors * 2, params))  # same items and labels, another model's vectors
+    with pytest.raises(ArtifactError, match=re.escape(f"{INDEX_FILE}: stored vectors differ from")):
+        load_artifact(path).load_index()
