@@ -35,8 +35,10 @@ START_TIMEOUT_S = 30.0
 DATA_DEADLINE_S = 90.0  # Serve pushes replica metrics about every 10 s; rate() needs two samples of an increase
 MAX_PLAUSIBLE_MS = 10_000.0
 
-# Grafana's template variables, as the dashboard defines them (`$cluster`: multi-value, "All" = its allValue).
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "${cluster}": ".*", "$cluster": ".*"}
+# Grafana's template variables, as the dashboard defines them ($namespace, $cluster, $pod: multi-value, "All" = their
+# allValue). Locally there is no `namespace` label: `namespace=~".*"` matches the empty value, as it must.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "${cluster}": ".*", "$cluster": ".*",
+                     "${namespace}": ".*", "$namespace": ".*", "${pod}": ".*", "$pod": ".*"}
 
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus is not installed: sudo apt-get install -y prometheus (scripts/setup.sh)")

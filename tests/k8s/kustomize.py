@@ -1,8 +1,11 @@
 """A minimal `kustomize build` in Python, for the subset k8s/ uses, so the manifest tests run without kubectl.
 
-Supported: `resources` (files and directories), `configMapGenerator` (files, disableNameSuffixHash), `patches`
-(a file with a whole object: JSON merge patch semantics, which is what kustomize applies to custom resources it
-has no schema for, so lists are replaced whole; or `target` + JSON 6902 test/add/remove/replace), and `images`.
+Supported: `resources` (files and directories), `configMapGenerator` (files or literals, labels, annotations,
+disableNameSuffixHash), `patches` (a file with a whole object: JSON merge patch semantics, which is what kustomize
+applies to custom resources it has no schema for, so lists are replaced whole; or `target` + JSON 6902
+test/add/remove/replace), `images`, and `replacements` (a source field copied into target fields selected by kind and
+name; `*` over list items, which skips items without the field; options create, delimiter + index). Objects
+annotated `config.kubernetes.io/local-config: "true"` are inputs only: visible to overlays, left out of the output.
 Anything else raises, so a kustomization cannot silently use a feature this renderer ignores.
 test_manifests.py compares this renderer with `kubectl kustomize` wherever kubectl is installed.
 """
@@ -15,11 +18,18 @@ from typing import Any
 
 import yaml
 
-SUPPORTED_FIELDS = {"apiVersion", "kind", "resources", "patches", "images", "configMapGenerator"}
+SUPPORTED_FIELDS = {"apiVersion", "kind", "resources", "patches", "images", "configMapGenerator", "replacements"}
+LOCAL_CONFIG = "config.kubernetes.io/local-config"
 
 
 def build(directory: Path) -> list[dict]:
     """The objects `kustomize build directory` outputs (order aside)."""
+    return [obj for obj in _build(directory)
+            if obj.get("metadata", {}).get("annotations", {}).get(LOCAL_CONFIG) != "true"]
+
+
+def _build(directory: Path) -> list[dict]:
+    """Every object of the kustomization, local-config ones included (an overlay may use them as sources)."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unsupported = set(kustomization) - SUPPORTED_FIELDS
     if unsupported:
@@ -27,29 +37,39 @@ def build(directory: Path) -> list[dict]:
     objects: list[dict] = []
     for entry in kustomization.get("resources", []):
         path = directory / entry
-        objects += build(path) if path.is_dir() else [obj for obj in yaml.safe_load_all(path.read_text()) if obj]
+        objects += _build(path) if path.is_dir() else [obj for obj in yaml.safe_load_all(path.read_text()) if obj]
     objects += [_config_map(directory, generator) for generator in kustomization.get("configMapGenerator", [])]
     for patch in kustomization.get("patches", []):
         _apply_patch(directory, patch, objects)
     for image in kustomization.get("images", []):
         for obj in objects:
             _set_image(obj, image)
+    for replacement in kustomization.get("replacements", []):
+        _replace(directory, replacement, objects)
     return objects
 
 
 def _config_map(directory: Path, generator: dict) -> dict:
     options = generator.get("options", {})
-    if set(generator) - {"name", "files", "options"} or set(options) - {"disableNameSuffixHash", "labels"}:
-        raise NotImplementedError(f"configMapGenerator {generator['name']}: only files, labels, no name hash")
+    if (set(generator) - {"name", "files", "literals", "options"}
+            or set(options) - {"disableNameSuffixHash", "labels", "annotations"}):
+        raise NotImplementedError(f"configMapGenerator {generator['name']}: only files, literals, labels, "
+                                  "annotations, no name hash")
     if options.get("disableNameSuffixHash") is not True:
         raise NotImplementedError(f"configMapGenerator {generator['name']}: set disableNameSuffixHash: true")
     data = {}
-    for entry in generator["files"]:
+    for entry in generator.get("files", []):
         key, _, source = entry.rpartition("=")
         data[key or Path(source).name] = (directory / source).read_text()
+    for entry in generator.get("literals", []):
+        key, separator, value = entry.partition("=")
+        if not separator or not key:
+            raise ValueError(f"configMapGenerator {generator['name']}: literal {entry!r} is not KEY=VALUE")
+        data[key] = value
     metadata: dict[str, Any] = {"name": generator["name"]}
-    if "labels" in options:
-        metadata["labels"] = dict(options["labels"])
+    for field in ("labels", "annotations"):
+        if field in options:
+            metadata[field] = {key: str(value) for key, value in options[field].items()}
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
 
 
@@ -72,6 +92,77 @@ def _apply_patch(directory: Path, patch: dict, objects: list[dict]) -> None:
     merged = _merge_patch(targets[0], content)
     targets[0].clear()
     targets[0].update(merged)
+
+
+def _replace(directory: Path, replacement: dict, objects: list[dict]) -> None:
+    """kustomize `replacements`: the source field's value into every target field (see the module docstring)."""
+    where = f"{directory}/kustomization.yaml replacements"
+    if set(replacement) - {"source", "targets"} or set(replacement["source"]) - {"kind", "name", "fieldPath"}:
+        raise NotImplementedError(f"{where}: only source (kind, name, fieldPath) and targets")
+    source = replacement["source"]
+    sources = [obj for obj in objects if _matches(obj, {key: source[key] for key in ("kind", "name") if key in source})]
+    if len(sources) != 1:
+        raise ValueError(f"{where}: source {source} matches {len(sources)} objects, not 1")
+    (value,) = _field_values(sources[0], source["fieldPath"].split("."), where)
+    for target in replacement["targets"]:
+        options = target.get("options", {})
+        if set(target) - {"select", "fieldPaths", "options"} or set(options) - {"create", "delimiter", "index"}:
+            raise NotImplementedError(f"{where}: target {target}: only select, fieldPaths, options create/delimiter/index")
+        selected = [obj for obj in objects if _matches(obj, target["select"])]
+        if not selected:
+            raise ValueError(f"{where}: select {target['select']} matches no object")
+        for obj in selected:
+            for field_path in target["fieldPaths"]:
+                _set_field(obj, field_path.split("."), value, options, where)
+
+
+def _field_values(node: Any, path: list[str], where: str) -> list[Any]:
+    for part in path:
+        if "[" in part or "=" in part:
+            raise NotImplementedError(f"{where}: field path part {part!r}: only plain keys and *")
+    if not path:
+        return [node]
+    head, rest = path[0], path[1:]
+    if head == "*":
+        if not isinstance(node, list):
+            raise NotImplementedError(f"{where}: * over a map")
+        return [value for item in node for value in _field_values(item, rest, where)]
+    if not isinstance(node, dict) or head not in node:
+        raise ValueError(f"{where}: no field {head!r}")
+    return _field_values(node[head], rest, where)
+
+
+def _set_field(node: Any, path: list[str], value: Any, options: dict, where: str, wildcard: bool = False) -> None:
+    """Sets node[path] to value. Under a `*`, an item without the field is skipped (as kustomize does)."""
+    head, rest = path[0], path[1:]
+    if "[" in head or "=" in head:
+        raise NotImplementedError(f"{where}: field path part {head!r}: only plain keys and *")
+    if head == "*":
+        if not isinstance(node, list) or options.get("create"):
+            raise NotImplementedError(f"{where}: * only over lists, without create")
+        for item in node:
+            _set_field(item, rest, value, options, where, wildcard=True)
+        return
+    if not isinstance(node, dict):
+        raise TypeError(f"{where}: {head!r} under a non-map")
+    if head not in node:
+        if wildcard:
+            return
+        if not options.get("create"):
+            raise ValueError(f"{where}: no field {head!r} (set options.create)")
+        node[head] = {} if rest else None
+    if rest:
+        _set_field(node[head], rest, value, options, where, wildcard)
+        return
+    if "delimiter" in options:
+        parts = str(node[head]).split(options["delimiter"])
+        index = options.get("index", 0)
+        if not 0 <= index < len(parts):
+            raise NotImplementedError(f"{where}: index {index} outside {node[head]!r}")
+        parts[index] = str(value)
+        node[head] = options["delimiter"].join(parts)
+    else:
+        node[head] = copy.deepcopy(value)
 
 
 def _matches(obj: dict, target: dict) -> bool:

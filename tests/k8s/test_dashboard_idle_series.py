@@ -19,7 +19,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "k8s/base/grafana/seqrank-dashboard.json"
 PROMTOOL = shutil.which("promtool")
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "${cluster}": ".*", "$cluster": ".*"}  # as tests/e2e/test_promql.py
+# As tests/e2e/test_promql.py: every multi-value variable ($namespace, $cluster, $pod) at "All", its allValue.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "${cluster}": ".*", "$cluster": ".*",
+                     "${namespace}": ".*", "$namespace": ".*", "${pod}": ".*", "$pod": ".*"}
 SCRAPE_INTERVAL = "15s"
 STEPS = 40  # samples per series: 10 minutes at 15 s; the idle half is flat for 5 minutes, the window is 1 m
 # Per scrape: 4 observations, 1 at or below 5, 2 in (5, 10], 1 above 10 (the quantiles interpolate, p99 is 10).
