@@ -40,6 +40,6 @@ def build_app(args: Mapping[str, Any] | AppArgs) -> Application:
                   for shard in range(app_args.retrieval.num_shards)]
     retrieval = None
     if app_args.retrieval.placement == OWN_DEPLOYMENT:
-        retrieval = Retrieval.bind(app_args.retrieval, *shards)
+        retrieval = Retrieval.bind(app_args.retrieval, app_args.ingress.history, *shards)
     reranker = Reranker.bind(app_args.rerank) if app_args.rerank.placement == OWN_DEPLOYMENT else None
     return RankingIngress.bind(app_args.ingress, app_args.encoder, app_args.retrieval, encoder, retrieval, reranker)

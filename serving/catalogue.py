@@ -37,6 +37,11 @@ class History:
         return len(self.item_ids)
 
 
+def _attribute_values(artifact: Artifact) -> tuple[str, ...] | None:
+    values = getattr(artifact, "attribute_values", None)
+    return tuple(values) if values is not None else None
+
+
 @dataclass(frozen=True)
 class Catalogue:
     model_version: str
@@ -47,6 +52,11 @@ class Catalogue:
     popular_items: np.ndarray = field(repr=False)  # (I,) int64 item indices, most trained-on first
     item_popularity: np.ndarray = field(repr=False)  # (I+1,) float32 training event counts
     manifest: Mapping = field(repr=False)
+    # Raw attribute value of each attribute index (0 = PAD ""), and each trained item's attribute indices; None when
+    # the artifact has no attributes (filters then match upserted items only).
+    attribute_values: tuple[str, ...] | None = field(default=None, repr=False)
+    item_attributes: np.ndarray | None = field(default=None, repr=False)  # (I+1, A) int
+    _values_by_index: list = field(default_factory=list, repr=False, compare=False)  # lazily filled cache
 
     @classmethod
     def from_artifact(cls, artifact: Artifact) -> Catalogue:
@@ -66,7 +76,20 @@ class Catalogue:
             popular_items=popular_items,
             item_popularity=popularity,
             manifest=artifact.manifest,
+            attribute_values=_attribute_values(artifact),
+            item_attributes=artifact.item_attributes,
         )
+
+    def trained_values_by_index(self) -> list[tuple[str, ...]]:
+        """Each trained item's raw attribute values (index 0 = PAD: none), built once per catalogue."""
+        if not self._values_by_index:
+            if self.attribute_values is None or self.item_attributes is None:
+                values = [()] * len(self.item_ids)
+            else:
+                names = self.attribute_values
+                values = [tuple(names[code] for code in row if code > 0) for row in self.item_attributes]
+            self._values_by_index.extend(values)
+        return self._values_by_index
 
     @property
     def num_items(self) -> int:

@@ -18,6 +18,8 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from seqrank.serving import wire
+
 logger = logging.getLogger(__name__)
 
 # Attribute an ingress instance sets (in __init__) to plug auth and metrics into `rpc_method`.
@@ -132,6 +134,7 @@ class RpcHooks:
 
 NO_HOOKS = RpcHooks()
 
+RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
 RpcMethod = Callable[[Any, Message, GrpcContext], Awaitable[ResponseT]]
 
@@ -145,13 +148,26 @@ def _observe(hooks: RpcHooks, method: str, code: grpc.StatusCode, started: float
         logger.exception("rpc observe hook failed for %s", method)
 
 
+def decode_request(request_type: type[RequestT], request: bytes | RequestT) -> RequestT:
+    """The request message: decoded here when it arrives as bytes (serving/servicers.py registers the services
+    without a deserializer), passed through when an in-process caller already holds the message."""
+    if isinstance(request, Message):
+        return request
+    try:
+        return wire.decode(request_type, request)
+    except wire.WireError as error:
+        raise InvalidArgument(error.field, error.reason) from None
+
+
 def rpc_method(
-    response_type: type[ResponseT], public: bool = False
+    request_type: type[RequestT], response_type: type[ResponseT], public: bool = False
 ) -> Callable[[RpcMethod[ResponseT]], RpcMethod[ResponseT]]:
     """Decorates `async def Method(self, request, grpc_context)` of a Serve ingress.
 
     Unless `public` (health checks: probes carry no credentials), `self.rpc_hooks.authenticate` sees the call's
-    metadata first and its Unauthenticated error answers the call.
+    metadata first and its Unauthenticated error answers the call. Only then are the request bytes decoded into
+    `request_type`: bytes that are no such message answer INVALID_ARGUMENT naming the first bad field, counted
+    like any other outcome.
     Domain errors set their status code and message on `grpc_context` and return `response_type()`; any other
     exception is logged with its traceback and answered INTERNAL with a generic message. Cancellation
     (client deadline, proxy timeout) propagates. Every outcome is reported to `self.rpc_hooks.observe`.
@@ -167,7 +183,7 @@ def rpc_method(
             try:
                 if hooks.authenticate is not None and not public:
                     hooks.authenticate(grpc_context.invocation_metadata())
-                response = await method(self, request, grpc_context)
+                response = await method(self, decode_request(request_type, request), grpc_context)
             except ServingError as error:
                 code = status_code_of(error)
                 logger.debug("%s -> %s: %s", name, code.name, error)

@@ -1,8 +1,8 @@
 """grpc.health.v1 for the app itself: Serve's proxy forwards Health/Check to the ingress, which answers here.
 
-Serve registers the servicer named by `HEALTH_SERVICER_FUNCTION` (listed in the Serve config's
+Serve registers the servicer named by `servicers.HEALTH_SERVICER_FUNCTION` (listed in the Serve config's
 grpc_servicer_functions) and routes `Check` to the ingress method of that name; without both the proxy
-answers UNIMPLEMENTED. The streaming `Watch` is not offered.
+answers UNIMPLEMENTED. The streaming `Watch` is not offered: it answers UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2
 from seqrank.serving.errors import NotFound, shown
 from seqrank.v1 import ranking_pb2
 
-HEALTH_SERVICER_FUNCTION = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 RANKING_SERVICE = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name  # seqrank.v1.RankingService
 OVERALL = ""  # the gRPC health protocol's name for the server as a whole
 SERVED_SERVICES = (OVERALL, RANKING_SERVICE)

@@ -15,9 +15,12 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Awaitable, Callable, Sequence, TypeVar
 
+import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 from ray import serve
@@ -29,8 +32,28 @@ from seqrank.serving.auth import authenticator
 from seqrank.serving.batching import SlotBatcher
 from seqrank.serving.catalogue import Catalogue, History
 from seqrank.serving.config import EncoderArgs, IngressArgs, RetrievalArgs
-from seqrank.serving.errors import NotFound, RpcHooks, Unavailable, rpc_method
-from seqrank.serving.history import Event, StoredEvent, open_history_store, resolve_history_url
+from seqrank.serving.errors import (
+    INTERNAL_ERROR_DETAILS,
+    NotFound,
+    RpcHooks,
+    ServingError,
+    Unavailable,
+    rpc_method,
+    status_code_of,
+    status_details,
+)
+from seqrank.serving.history import (
+    Durability,
+    Event,
+    HistoryConfig,
+    HistoryStore,
+    ItemChange,
+    StoredEvent,
+    open_history_store,
+    resolve_history_url,
+)
+from seqrank.serving.history.deadline import DeadlineStore
+from seqrank.serving.live_catalogue import CatalogueView, LiveItemsSync, ViewCache
 from seqrank.serving.messages import (
     CandidateSet,
     EncodedUser,
@@ -51,8 +74,17 @@ from seqrank.serving.metrics import (
     ServingMetrics,
 )
 from seqrank.serving.reload import ModelSlot, VersionUnavailable
-from seqrank.serving.retrieval import RetrievalStage, popular_candidates, rerank_all
-from seqrank.serving.validation import RankQuery, validate_rank_request, validate_record_events_request
+from seqrank.serving.retrieval import RetrievalStage, fetch_size, rerank_all
+from seqrank.serving.validation import (
+    Limits,
+    RankQuery,
+    validate_rank_batch_request,
+    validate_rank_request,
+    validate_record_events_request,
+    validate_set_item_availability_request,
+    validate_upsert_items_request,
+)
+from seqrank.training.metrics import TRAINING_SUMMARY_KEYS, is_evaluation_metric
 from seqrank.v1 import ranking_pb2
 
 if TYPE_CHECKING:  # imported at run time only by an ingress that encodes (torch)
@@ -117,6 +149,7 @@ class RankWork:
     query: RankQuery
     history: History
     exclude_item_ids: tuple[str, ...]  # raw ids of the known excluded items
+    catalogue_version: int = 0  # the live catalogue the request was validated against
 
 
 @dataclass(frozen=True)
@@ -146,22 +179,55 @@ def choose_source(history: History, source: int, catalogue: Catalogue, cold_star
     return ranking_pb2.HISTORY_SOURCE_FALLBACK
 
 
-def fallback_list(catalogue: Catalogue, query: RankQuery) -> RankedList:
-    """The cold-start list: most popular items minus the exclusions, scored by training event count."""
-    excluded = np.fromiter(query.exclude_item_indices, dtype=np.int64, count=len(query.exclude_item_indices))
-    popular = popular_candidates(catalogue, excluded, query.k)
+def fallback_list(view: CatalogueView, query: RankQuery) -> RankedList:
+    """The cold-start list: the most popular allowed items (the caller's candidates when given) minus the
+    exclusions. Not personalised, so not scored by the model: relevance and score are the item's share of the
+    training events, in [0, 1], as the proto says (upserted items the model never trained on: 0)."""
+    base = view.base
+    allowed = view.allowed(query.include_any, query.exclude_any)
+    allowed[list(query.exclude_item_indices)] = False
+    popularity = np.zeros(len(view.item_ids))
+    popularity[: base.num_items + 1] = base.item_popularity
+    if query.candidate_item_ids:
+        pool = view.indices(query.candidate_item_ids)
+        pool = pool[allowed[pool]]
+        pool = pool[np.argsort(-popularity[pool], kind="stable")][: query.k]  # ties: the caller's order
+    else:
+        fetched = base.popular_items[: fetch_size(query.k, view.num_items - int(allowed.sum()), base.num_items)]
+        pool = fetched[allowed[fetched]]
+        if len(pool) < query.k:  # a narrow filter: the allowed items that are left, most popular first
+            rest = np.flatnonzero(allowed)
+            pool = rest[np.argsort(-popularity[rest], kind="stable")]
+        pool = pool[: query.k]
+    total = max(float(base.item_popularity.sum()), 1.0)
     items = tuple(
-        RankedItem(item_id=str(catalogue.item_ids[index]), score=float(count), relevance=float(count),
-                   because_item_id="", explanation="")
-        for index, count in zip(popular.item_indices, popular.scores)
+        RankedItem(item_id=str(view.item_ids[index]), score=float(popularity[index]) / total,
+                   relevance=float(popularity[index]) / total, because_item_id="", explanation="")
+        for index in pool
     )
-    return RankedList(catalogue.model_version, items, rerank_ms=0.0)
+    return RankedList(base.model_version, items, rerank_ms=0.0)
 
 
-def rank_response(ranked: RankedList, request_id: str, source: int, clock: StageClock) -> ranking_pb2.RankResponse:
+def batch_result(position: int, outcome: ranking_pb2.RankResponse | BaseException) -> ranking_pb2.RankResult:
+    """One RankBatch entry: the response, or the status Rank would have answered, naming requests[position]."""
+    if isinstance(outcome, ranking_pb2.RankResponse):
+        return ranking_pb2.RankResult(response=outcome, status_code=grpc.StatusCode.OK.value[0])
+    if isinstance(outcome, ServingError):
+        return ranking_pb2.RankResult(status_code=status_code_of(outcome).value[0],
+                                      status_message=f"requests[{position}].{status_details(outcome)}")
+    if isinstance(outcome, asyncio.CancelledError):
+        raise outcome
+    logger.error("RankBatch request %d failed with an unexpected error", position, exc_info=outcome)
+    return ranking_pb2.RankResult(status_code=grpc.StatusCode.INTERNAL.value[0],
+                                  status_message=f"requests[{position}]: {INTERNAL_ERROR_DETAILS}")
+
+
+def rank_response(ranked: RankedList, request_id: str, source: int, clock: StageClock,
+                  unknown_candidate_ids: Sequence[str] = ()) -> ranking_pb2.RankResponse:
     total_ms = clock.total_ms()
     clock.metrics.observe_stage(STAGE_TOTAL, total_ms)
     return ranking_pb2.RankResponse(
+        unknown_candidate_ids=unknown_candidate_ids,
         items=[
             ranking_pb2.RankedItem(item_id=item.item_id, score=item.score, relevance=item.relevance,
                                    because_item_id=item.because_item_id, explanation=item.explanation)
@@ -174,16 +240,59 @@ def rank_response(ranked: RankedList, request_id: str, source: int, clock: Stage
     )
 
 
-def model_info(catalogue: Catalogue) -> ranking_pb2.GetModelInfoResponse:
+def open_checked_store(config: HistoryConfig, metrics: ServingMetrics) -> HistoryStore:
+    """The configured store, its durability checked once at replica start: logged and exported
+    (seqrank_history_store_durable); under history.require_durable a store that cannot promise it is refused."""
+    store = open_history_store(resolve_history_url(config, os.environ))
+    # One bounded look: a store that hangs must not hold the replica's start for its retries' whole length.
+    checker = ThreadPoolExecutor(1, thread_name_prefix="history-durability")
+    try:
+        durability = checker.submit(store.durability).result(timeout=config.busy_timeout_s)
+    except FutureTimeout:
+        durability = Durability(None, f"{store.backend} store gave no answer within history.busy_timeout_s="
+                                      f"{config.busy_timeout_s} s to the durability check")
+    finally:
+        checker.shutdown(wait=False)
+    metrics.observe_durability(store.backend, durability.durable)
+    if durability.durable:
+        logger.info("history store: %s", durability.reason)
+        return store
+    if config.require_durable:
+        store.close()
+        raise RuntimeError(f"history.require_durable: {durability.reason}")
+    logger.warning("history store may lose acknowledged events in a crash: %s", durability.reason)
+    return store
+
+
+def server_limits(limits: Limits, history: HistoryConfig) -> ranking_pb2.ServerLimits:
+    return ranking_pb2.ServerLimits(
+        default_k=limits.default_k, max_k=limits.max_k, default_candidate_pool_size=limits.default_candidates,
+        max_candidate_pool_size=limits.max_candidates, default_diversity=limits.default_diversity,
+        max_inline_events=limits.max_inline_events, max_exclude_item_ids=limits.max_exclude_ids,
+        max_events_per_call=limits.max_events_per_call, max_users_per_call=limits.max_users_per_call,
+        max_id_length=limits.max_id_length, max_future_seconds=limits.max_future_s,
+        max_request_candidates=limits.max_request_candidates, max_filter_values=limits.max_filter_values,
+        max_batch_requests=limits.max_batch_requests, max_items_per_call=limits.max_items_per_call,
+        max_attributes_per_item=limits.max_attributes_per_item, catalogue_sync_ms=history.catalogue_sync_ms,
+    )
+
+
+def model_info(view: CatalogueView, limits: Limits, history: HistoryConfig) -> ranking_pb2.GetModelInfoResponse:
+    catalogue = view.base
     manifest = catalogue.manifest
     index = manifest["index"]
+    metrics = {name: float(value) for name, value in manifest.get("metrics", {}).items()}
     return ranking_pb2.GetModelInfoResponse(
         model_version=catalogue.model_version,
         num_items=catalogue.num_items,
         dim=manifest["dim"],
         index=ranking_pb2.IndexParams(space=index["space"], m=index["M"], ef_construction=index["ef_construction"],
                                       ef_search=index["ef_search"]),
-        metrics={name: float(value) for name, value in manifest.get("metrics", {}).items()},
+        metrics={name: value for name, value in metrics.items() if is_evaluation_metric(name)},
+        training_summary={name: value for name, value in metrics.items() if name in TRAINING_SUMMARY_KEYS},
+        limits=server_limits(limits, history),
+        catalogue=ranking_pb2.CatalogueInfo(items=view.num_items, upserted=len(view.new_items),
+                                            hidden=view.num_hidden, version=view.live_version),
         behavior_names=catalogue.behavior_names,
         created_at=manifest.get("created_at", ""),
         data_fingerprint=manifest.get("data_fingerprint", ""),
@@ -250,9 +359,17 @@ class RankingIngress:
             self._encoder: EncoderStage | RemoteEncoder = self._local_encoder
         else:
             self._encoder = RemoteEncoder(encoder)
+        # The store first: the live catalogue's sync reads it, and a local retrieval stage shares that sync.
+        self._store = DeadlineStore(open_checked_store(args.history, self._metrics), args.history.call_timeout_s,
+                                    args.history.max_concurrent_calls)
+        self._live = LiveItemsSync(self._store.store.items_since, args.history.catalogue_sync_ms / 1000.0,
+                                   "ingress")
+        self._live.start(wait_s=args.history.call_timeout_s)
+        self._views = ViewCache()
         self._local_retrieval: RetrievalStage | None = None  # this replica's index, when retrieval runs here
         if retrieval is None:
-            self._local_retrieval = RetrievalStage(retrieval_args, self._metrics, "ingress retrieval")
+            self._local_retrieval = RetrievalStage(retrieval_args, self._metrics, "ingress retrieval",
+                                                   live=self._live)
             self._retrieval: LocalRetrieval | RemoteRetrieval = LocalRetrieval(self._local_retrieval)
         else:
             self._retrieval = RemoteRetrieval(retrieval)
@@ -260,7 +377,6 @@ class RankingIngress:
         self.rpc_hooks = RpcHooks(authenticate=authenticator(args.auth, os.environ), observe=self._metrics.observe_rpc)
         # The replica is this setting's process edge: an `env:NAME` url (a Kubernetes Secret) is resolved here,
         # so the secret never enters the Serve config or the bound deployment arguments.
-        self._store = open_history_store(resolve_history_url(args.history, os.environ))
         self._catalogues: ModelSlot[Catalogue] = ModelSlot(
             "ingress", Catalogue.from_artifact, self._metrics.observe_reload
         )
@@ -281,45 +397,102 @@ class RankingIngress:
                 stage.models.loaded
 
     def __del__(self) -> None:
-        store = getattr(self, "_store", None)  # absent when __init__ failed
+        live = getattr(self, "_live", None)  # absent when __init__ failed
+        if live is not None:
+            live.stop()
+        store = getattr(self, "_store", None)
         if store is not None:
             store.close()
 
-    @rpc_method(ranking_pb2.RankResponse)
+    def _view(self) -> CatalogueView:
+        """The current model version through the live catalogue as this replica knows it."""
+        return self._views.view(self._catalogues.current, self._live.current)
+
+    async def _catch_up(self, version: int) -> None:
+        """This replica's live catalogue at `version` or later (read-your-writes after a catalogue write)."""
+        held = self._live.current
+        if held.version < version:
+            states, latest = await self._store.items_since(held.version)
+            self._live.apply(states, latest)
+
+    @rpc_method(ranking_pb2.RankRequest, ranking_pb2.RankResponse)
     async def Rank(self, request: ranking_pb2.RankRequest, grpc_context) -> ranking_pb2.RankResponse:
+        return await self._rank(request)
+
+    @rpc_method(ranking_pb2.RankBatchRequest, ranking_pb2.RankBatchResponse)
+    async def RankBatch(self, request: ranking_pb2.RankBatchRequest, grpc_context) -> ranking_pb2.RankBatchResponse:
+        validate_rank_batch_request(request, self._args.limits)
+        outcomes = await asyncio.gather(*(self._rank(one) for one in request.requests), return_exceptions=True)
+        return ranking_pb2.RankBatchResponse(results=[
+            batch_result(position, outcome) for position, outcome in enumerate(outcomes)])
+
+    async def _rank(self, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
+        """One Rank: validate, history, then the fallback list or the model stages (batched with its peers)."""
         clock = StageClock(self._metrics)
-        catalogue = self._catalogues.current
-        query = validate_rank_request(request, self._args.limits, catalogue.item_index_of, catalogue.behavior_names)
+        view = self._view()
+        catalogue = view.base
+        query = validate_rank_request(request, self._args.limits, view.item_index_of, catalogue.behavior_names)
         user = await clock.time(STAGE_HISTORY, self._user_history(query, catalogue))
         if user.source in FALLBACK_SOURCES:
-            ranked = clock.run(STAGE_FALLBACK, fallback_list, catalogue, query)
+            ranked = clock.run(STAGE_FALLBACK, fallback_list, view, query)
         else:
-            excluded_ids = tuple(catalogue.item_ids[sorted(query.exclude_item_indices)])
-            outcome = await self._batcher.submit(RankWork(query, user.history, excluded_ids))
+            excluded_ids = tuple(view.item_ids[sorted(query.exclude_item_indices)])
+            outcome = await self._batcher.submit(RankWork(query, user.history, excluded_ids, view.live_version))
             clock.extend(outcome.stages)
             ranked = outcome.ranked
-        response = rank_response(ranked, query.request_id or uuid.uuid4().hex, user.source, clock)
+        response = rank_response(ranked, query.request_id or uuid.uuid4().hex, user.source, clock,
+                                 query.unknown_candidate_ids)
         logger.debug("Rank %s user %r: %s, %d items, %.1f ms", response.request_id, query.user_id,
                      ranked.model_version, len(ranked.items), response.timings[-1].ms)
         return response
 
-    @rpc_method(ranking_pb2.RecordEventsResponse)
+    @rpc_method(ranking_pb2.UpsertItemsRequest, ranking_pb2.UpsertItemsResponse)
+    async def UpsertItems(self, request: ranking_pb2.UpsertItemsRequest, grpc_context):
+        upserts = validate_upsert_items_request(request, self._args.limits)
+        view = self._view()
+        created = sum(raw not in view.item_index_of for raw, _ in upserts.items)
+        known_values = set(view.base.attribute_values or ())
+        unknown = sorted({value for _, values in upserts.items for value in values if value not in known_values})
+        write = await self._store.write_items([ItemChange(raw, attributes=values) for raw, values in upserts.items],
+                                              upserts.idempotency_key)
+        await self._catch_up(write.version)
+        if not write.idempotent_replay:
+            self._metrics.observe_catalogue("created", created)
+            self._metrics.observe_catalogue("updated", len(upserts.items) - created)
+        return ranking_pb2.UpsertItemsResponse(
+            created=0 if write.idempotent_replay else created,
+            updated=0 if write.idempotent_replay else len(upserts.items) - created,
+            unknown_attribute_values=unknown, catalogue_version=write.version,
+            idempotent_replay=write.idempotent_replay)
+
+    @rpc_method(ranking_pb2.SetItemAvailabilityRequest, ranking_pb2.SetItemAvailabilityResponse)
+    async def SetItemAvailability(self, request: ranking_pb2.SetItemAvailabilityRequest, grpc_context):
+        change = validate_set_item_availability_request(request, self._args.limits, self._view().item_index_of)
+        write = await self._store.write_items([ItemChange(raw, available=change.available) for raw in change.item_ids],
+                                              change.idempotency_key)
+        await self._catch_up(write.version)
+        if not write.idempotent_replay:
+            self._metrics.observe_catalogue("restored" if change.available else "hidden", write.applied)
+        return ranking_pb2.SetItemAvailabilityResponse(changed=write.applied, catalogue_version=write.version,
+                                                       idempotent_replay=write.idempotent_replay)
+
+    @rpc_method(ranking_pb2.RecordEventsRequest, ranking_pb2.RecordEventsResponse)
     async def RecordEvents(self, request: ranking_pb2.RecordEventsRequest, grpc_context):
-        catalogue = self._catalogues.current
+        view = self._view()
         batch = validate_record_events_request(
-            request, self._args.limits, catalogue.item_index_of, catalogue.behavior_names
+            request, self._args.limits, view.item_index_of, view.base.behavior_names
         )
-        result = await asyncio.to_thread(self._store.append, batch.users, batch.idempotency_key)  # fsyncs
+        result = await self._store.append(batch.users, batch.idempotency_key)  # durable once it returns
         return ranking_pb2.RecordEventsResponse(
             accepted=result.accepted, stored=result.stored, duplicates_ignored=result.duplicates_ignored,
             idempotent_replay=result.idempotent_replay,
         )
 
-    @rpc_method(ranking_pb2.GetModelInfoResponse)
+    @rpc_method(ranking_pb2.GetModelInfoRequest, ranking_pb2.GetModelInfoResponse)
     async def GetModelInfo(self, request: ranking_pb2.GetModelInfoRequest, grpc_context):
-        return model_info(self._catalogues.current)
+        return model_info(self._view(), self._args.limits, self._args.history)
 
-    @rpc_method(health_pb2.HealthCheckResponse, public=True)  # probes carry no token
+    @rpc_method(health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse, public=True)  # probes carry no token
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context):
         return health.check(request.service, self._catalogues.is_loaded)
 
@@ -334,7 +507,7 @@ class RankingIngress:
         else:
             limit = self._args.history.max_events_per_user
             try:
-                stored = await asyncio.to_thread(self._store.recent, query.user_id, limit)
+                stored = await self._store.recent(query.user_id, limit)
             except Unavailable as error:
                 if self._args.cold_start != COLD_START_POPULAR:
                     raise
@@ -378,7 +551,9 @@ class RankingIngress:
         requests = [
             RetrievalRequest(user=user, history=work.history, exclude_item_ids=work.exclude_item_ids,
                              exclude_seen=work.query.exclude_seen, num_candidates=work.query.num_candidates,
-                             k=work.query.k, diversity=work.query.diversity)
+                             k=work.query.k, diversity=work.query.diversity,
+                             candidate_item_ids=work.query.candidate_item_ids, include_any=work.query.include_any,
+                             exclude_any=work.query.exclude_any, catalogue_version=work.catalogue_version)
             for work, user in zip(works, encoded)
         ]
         if self._reranker is None:

@@ -37,6 +37,10 @@ class RetrievalRequest:
     num_candidates: int  # >= k: fetched after filtering, then re-ranked
     k: int
     diversity: float  # MMR lambda in [0, 1]
+    candidate_item_ids: tuple[str, ...] = ()  # the caller's candidates (search re-ranking); () = retrieve
+    include_any: tuple[str, ...] = ()  # attribute filter; () = any item
+    exclude_any: tuple[str, ...] = ()
+    catalogue_version: int = 0  # the live catalogue version the ingress saw: retrieval catches up to it first
 
 
 @dataclass(frozen=True)

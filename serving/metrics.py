@@ -91,9 +91,19 @@ VERSION_RETRIES = MetricSpec(
     "seqrank_version_retries", "counter",
     "Rank requests re-encoded because retrieval did not hold the encoder's model version yet (rollouts only).",
 )
+HISTORY_DURABLE = MetricSpec(
+    "seqrank_history_store_durable", "gauge",
+    "Whether the history store keeps an acknowledged append through a crash, checked at replica start: 1 yes, "
+    "0 no (e.g. Redis without appendonly yes + appendfsync always), -1 could not be checked.", ("backend",),
+)
+CATALOGUE_CHANGES = MetricSpec(
+    "seqrank_catalogue_changes", "counter",
+    "Live catalogue changes acknowledged by this ingress, by kind: created and updated (UpsertItems), hidden and "
+    "restored (SetItemAvailability, items whose availability changed).", ("kind",),
+)
 ALL_METRICS = (
     REQUESTS, REQUEST_LATENCY, STAGE_LATENCY, BATCH_SIZE, CANDIDATES, FILTERED, HISTORY_LENGTH, MODEL_INFO,
-    RELOADS, VERSION_RETRIES,
+    RELOADS, VERSION_RETRIES, HISTORY_DURABLE, CATALOGUE_CHANGES,
 )
 
 
@@ -111,6 +121,7 @@ class ServingMetrics:
     def __init__(self) -> None:
         self._metrics = {spec.name: _create(spec) for spec in ALL_METRICS}
         self._serving_version: str | None = None
+        self._durability: tuple[str, float] | None = None  # (backend, gauge value) once checked
         self._refresher: threading.Thread | None = None
 
     def observe_rpc(self, outcome: RpcOutcome) -> None:
@@ -133,6 +144,15 @@ class ServingMetrics:
     def observe_version_retry(self, num_requests: int) -> None:
         self._metrics[VERSION_RETRIES.name].inc(num_requests)
 
+    def observe_catalogue(self, kind: str, count: int) -> None:
+        if count:
+            self._metrics[CATALOGUE_CHANGES.name].inc(count, tags={"kind": kind})
+
+    def observe_durability(self, backend: str, durable: bool | None) -> None:
+        self._durability = (backend, -1.0 if durable is None else float(durable))
+        self._metrics[HISTORY_DURABLE.name].set(self._durability[1], tags={"backend": backend})
+        self._start_refresher()
+
     def observe_reload(self, outcome: str, old_version: str | None, new_version: str | None) -> None:
         self._metrics[RELOADS.name].inc(tags={"outcome": outcome})
         if new_version is None:
@@ -141,13 +161,20 @@ class ServingMetrics:
             self._metrics[MODEL_INFO.name].set(0, tags={"model_version": old_version})
         self._serving_version = new_version
         self._metrics[MODEL_INFO.name].set(1, tags={"model_version": new_version})
+        self._start_refresher()
+
+    def _start_refresher(self) -> None:
         if self._refresher is None:
-            self._refresher = threading.Thread(target=self._keep_model_info_alive, name="model-info", daemon=True)
+            self._refresher = threading.Thread(target=self._keep_gauges_alive, name="gauges", daemon=True)
             self._refresher.start()
 
-    def _keep_model_info_alive(self) -> None:
+    def _keep_gauges_alive(self) -> None:
         """Ray's metrics agent evicts a gauge not re-reported within two export intervals, so an idle replica would
-        stop saying which version it serves: re-assert it well inside that window."""
+        stop saying which version it serves: re-assert the gauges well inside that window."""
         while True:
             time.sleep(MODEL_INFO_REFRESH_S)
-            self._metrics[MODEL_INFO.name].set(1, tags={"model_version": self._serving_version})
+            if self._serving_version is not None:
+                self._metrics[MODEL_INFO.name].set(1, tags={"model_version": self._serving_version})
+            if self._durability is not None:
+                backend, value = self._durability
+                self._metrics[HISTORY_DURABLE.name].set(value, tags={"backend": backend})

@@ -10,7 +10,11 @@ over-fetch and merges, so exclusions and re-ranking work unchanged.
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import compress
 from typing import AbstractSet
 
 import numpy as np
@@ -20,12 +24,22 @@ from ray.serve.handle import DeploymentHandle
 from seqrank.serving.batching import count_items, flatten, group_by_model, split
 from seqrank.serving.catalogue import Catalogue, History
 from seqrank.serving.config import RetrievalArgs
+from seqrank.serving.filtered_search import FilterPolicy, exact_top_k_allowed, filtered_top_k
+from seqrank.serving.history import HistoryConfig, open_history_store, resolve_history_url
+from seqrank.serving.live_catalogue import (
+    VIEW_CACHE_SIZE,
+    CatalogueView,
+    LiveItems,
+    LiveItemsSync,
+    ViewCache,
+)
 from seqrank.serving.messages import CandidateSet, RankedList, RetrievalRequest
 from seqrank.serving.metrics import STAGE_RETRIEVE, ServingMetrics
 from seqrank.serving.reload import ModelSlot
 from seqrank.serving.rerank import rerank
 from seqrank.serving.shards import RemoteShards
 from seqrank.training.artifact import Artifact, ItemIndex
+from seqrank.training.cold_items import cold_item_vectors
 from seqrank.training.transitions import TransitionPrior
 
 
@@ -35,6 +49,9 @@ class Candidates:
 
     item_indices: np.ndarray  # (n,) int64 internal item indices (1..num_items)
     scores: np.ndarray  # (n,) float64 inner product of user vector and item vector
+
+
+MAX_HIDDEN_AS_EXCLUSIONS = 1000  # more hidden items than this: a filtered search instead of over-fetching past them
 
 
 def fetch_size(k: int, num_excluded: int, num_items: int) -> int:
@@ -119,6 +136,7 @@ class LoadedIndex:
     index: ItemIndex | None  # hnswlib over items 1..I, read-only once built; None when shards hold it
     item_vectors: np.ndarray  # (I+1, D) float32
     transitions: TransitionPrior | None = None  # the artifact's item-to-item prior, when it has one
+    artifact: Artifact | None = None  # for upserted items' vectors (its attribute embeddings)
 
     @property
     def model_version(self) -> str:
@@ -131,56 +149,129 @@ class LoadedIndex:
             index = artifact.load_index(ef)
             index.set_num_threads(1)  # one query row per request: batch rows are cheap, threads would contend
         return cls(catalogue=Catalogue.from_artifact(artifact), index=index, item_vectors=artifact.item_vectors,
-                   transitions=artifact.transitions)
+                   transitions=artifact.transitions, artifact=artifact)
+
+
+@dataclass(frozen=True)
+class LiveIndex:
+    """One model version seen through the live catalogue: the view (ids, hidden, attributes) and every item's
+    vector, the artifact's rows first, then the upserted items' vectors from the model's attribute embeddings."""
+
+    loaded: LoadedIndex
+    view: CatalogueView
+    item_vectors: np.ndarray  # (I+N+1, D) float32
+
+    @property
+    def num_trained(self) -> int:
+        return self.loaded.catalogue.num_items
+
+
+def build_live_index(loaded: LoadedIndex, view: CatalogueView, live: LiveItems) -> LiveIndex:
+    if not len(view.new_items):
+        return LiveIndex(loaded, view, loaded.item_vectors)
+    attributes = [live.attributes[raw] for raw in view.new_items]
+    new_vectors = cold_item_vectors(loaded.artifact, attributes).vectors.astype(np.float32, copy=False)
+    return LiveIndex(loaded, view, np.concatenate([loaded.item_vectors, new_vectors]))
 
 
 @dataclass(frozen=True)
 class IndexSearch:
-    """One request's query, ready for the batched index search."""
+    """One request's query, ready for the batched search. Exactly one way to find candidates applies: the
+    caller's own (`given`), a filtered search (`allowed`), or the shared index with over-fetch (neither)."""
 
-    loaded: LoadedIndex
+    live: LiveIndex
     user_vector: np.ndarray  # (D,)
-    fetch: int  # neighbours to ask for so that num_candidates survive the exclusions
-    excluded: np.ndarray  # (E,) distinct item indices
+    fetch: int  # neighbours to ask the index for so that num_candidates survive the exclusions
+    excluded: np.ndarray  # (E,) distinct item indices never to return (the caller's, seen, hidden)
     num_candidates: int
     history: History  # the events this version knows
     history_items: np.ndarray  # (H,) their item indices
+    given: np.ndarray | None = None  # (G,) the caller's candidate indices: scored exactly, no index
+    allowed: np.ndarray | None = None  # (I+N+1,) bool: a filter (or many hidden items); excluded removed
+
+    @property
+    def loaded(self) -> LoadedIndex:
+        return self.live.loaded
+
+
+def exact_scores(item_vectors: np.ndarray, indices: np.ndarray, user_vector: np.ndarray) -> np.ndarray:
+    """Inner products of the user vector with the given items' vectors, float64."""
+    return item_vectors[indices].astype(np.float64) @ user_vector.astype(np.float64)
+
+
+def top_by_score(labels: np.ndarray, scores: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `count` best (labels, scores), best first; ties keep their given order."""
+    order = np.argsort(-scores, kind="stable")[:count]
+    return labels[order], scores[order]
 
 
 class RetrievalStage:
-    """Retrieval for one replica, wherever it runs: the versioned index, exclusions, one knn_query per batch.
+    """Retrieval for one replica, wherever it runs: the versioned index through the live catalogue, exclusions
+    and filters, one knn_query per batch for the unfiltered requests.
 
-    The Retrieval deployment wraps it; with `retrieval.placement: ingress` the ingress holds one itself.
-    `prepare` does every per-request check, so the batched `search` only sees valid queries.
+    The Retrieval deployment wraps it; with `retrieval.placement: ingress` the ingress holds one itself and shares
+    its catalogue sync. `prepare` does every per-request check, so the batched `search` only sees valid queries.
     """
 
     def __init__(self, args: RetrievalArgs, metrics: ServingMetrics, owner: str = "retrieval",
-                 shards: RemoteShards | None = None) -> None:
+                 shards: RemoteShards | None = None, live: LiveItemsSync | None = None) -> None:
         self._metrics = metrics
         self._shards = shards  # None: this replica holds the whole index
         self._transition_candidates = args.transition_candidates
+        self._filter_policy = FilterPolicy()
+        self._ef = args.ef  # None: each artifact's ef_search
+        self.live = live  # None: the artifact's catalogue as it is (no store)
+        self._views = ViewCache()
+        self._live_indexes: OrderedDict[tuple[str, int], LiveIndex] = OrderedDict()
         self.models: ModelSlot[LoadedIndex] = ModelSlot(
             owner, lambda artifact: LoadedIndex.from_artifact(artifact, args.ef, sharded=shards is not None),
             metrics.observe_reload,
         )
 
+    def live_index(self, loaded: LoadedIndex, catalogue_version: int = 0) -> LiveIndex:
+        """`loaded` through the live catalogue at `catalogue_version` or later (built once, then cached)."""
+        live = self.live.catch_up(catalogue_version) if self.live is not None else LiveItems()
+        key = (loaded.model_version, live.version)
+        cached = self._live_indexes.get(key)
+        if cached is not None:
+            return cached
+        built = build_live_index(loaded, self._views.view(loaded.catalogue, live), live)
+        self._live_indexes[key] = built
+        while len(self._live_indexes) > VIEW_CACHE_SIZE:
+            self._live_indexes.popitem(last=False)
+        return built
+
     def prepare(self, request: RetrievalRequest) -> IndexSearch:
-        """Resolves the model version (VersionUnavailable) and the exclusions; sizes the over-fetch."""
-        loaded = self.models.resolve(request.user.model_version)
-        catalogue = loaded.catalogue
-        history = catalogue.restrict(request.history)
-        history_items, _ = catalogue.history_indices(history)
-        seen = history_items if request.exclude_seen else None
-        excluded = excluded_indices(catalogue, request.exclude_item_ids, seen)
-        fetch = fetch_size(request.num_candidates, len(excluded), catalogue.num_items)
-        return IndexSearch(loaded, request.user.user_vector, fetch, excluded, request.num_candidates, history,
-                       history_items)
+        """Resolves the model version (VersionUnavailable), the live catalogue, exclusions and filters; sizes the
+        over-fetch."""
+        live = self.live_index(self.models.resolve(request.user.model_version), request.catalogue_version)
+        view = live.view
+        history = _restrict(view, request.history)
+        history_items = view.indices(history.item_ids)
+        excluded = view.indices(request.exclude_item_ids)
+        if request.exclude_seen:
+            excluded = np.concatenate([excluded, history_items])
+        hidden = np.flatnonzero(view.hidden[1:]) + 1
+        given = allowed = None
+        if request.candidate_item_ids:
+            given = view.indices(request.candidate_item_ids)
+        elif request.include_any or request.exclude_any or len(hidden) > MAX_HIDDEN_AS_EXCLUSIONS:
+            allowed = view.allowed(request.include_any, request.exclude_any)
+            allowed[excluded] = False
+        excluded = np.unique(np.concatenate([excluded, hidden]))
+        fetch = fetch_size(request.num_candidates, int(np.count_nonzero(excluded <= live.num_trained)),
+                           live.num_trained)
+        return IndexSearch(live, request.user.user_vector, fetch, excluded, request.num_candidates, history,
+                           history_items, given, allowed)
 
     def search(self, searches: list[IndexSearch]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(labels, inner products) per query, best first: one knn_query per model version in the batch."""
+        """(labels, inner products) per query from the trained items, best first: the caller's candidates scored
+        exactly, filtered queries one by one, the rest one knn_query per model version in the batch."""
         self._metrics.observe_batch(STAGE_RETRIEVE, len(searches))
         results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(searches)  # type: ignore[list-item]
-        for loaded, positions, vectors, fetch in _model_groups(searches):
+        plain = [position for position, search in enumerate(searches) if not self._searched_alone(search, results,
+                                                                                                     position)]
+        for loaded, positions, vectors, fetch in _model_groups(searches, plain):
             labels, distances = loaded.index.knn_query(vectors, k=fetch)  # (b, fetch), best first
             _assign(results, searches, positions, labels, ip_scores(distances))
         return results
@@ -191,25 +282,68 @@ class RetrievalStage:
             return self.search(searches)
         self._metrics.observe_batch(STAGE_RETRIEVE, len(searches))
         results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(searches)  # type: ignore[list-item]
-        for loaded, positions, vectors, fetch in _model_groups(searches):
+        plain = [position for position, search in enumerate(searches) if not self._searched_alone(search, results,
+                                                                                                     position)]
+        for loaded, positions, vectors, fetch in _model_groups(searches, plain):
             labels, scores = await self._shards.knn(loaded.model_version, vectors, fetch)  # (b, fetch)
             _assign(results, searches, positions, labels, scores)
         return results
 
+    def _searched_alone(self, search: IndexSearch, results: list, position: int) -> bool:
+        """Answers a request that needs no shared knn_query (caller candidates, a filter); False for the rest."""
+        live = search.live
+        if search.given is not None:
+            trained = search.given[search.given <= live.num_trained]
+            results[position] = (trained, exact_scores(live.item_vectors, trained, search.user_vector))
+            return True
+        if search.allowed is None:
+            return False
+        allowed = search.allowed[: live.num_trained + 1]
+        k = min(search.num_candidates, int(allowed.sum()))
+        if k == 0:
+            results[position] = (np.zeros(0, np.int64), np.zeros(0))
+        elif search.loaded.index is None:  # sharded: the vectors are here, the index is not; exact is exact
+            labels, scores = exact_top_k_allowed(live.loaded.item_vectors, search.user_vector[None, :], k, allowed)
+            results[position] = (labels[0].astype(np.int64), scores[0].astype(np.float64))
+        else:
+            ef = self._ef or search.loaded.artifact.index_params.ef_search
+            labels, scores = filtered_top_k(search.loaded.index, live.loaded.item_vectors, search.user_vector[None, :],
+                                            k, allowed, ef, self._filter_policy)
+            results[position] = (labels[0].astype(np.int64), scores[0].astype(np.float64))
+        return True
+
     def candidates(self, search: IndexSearch, labels: np.ndarray, scores: np.ndarray) -> CandidateSet:
-        loaded = search.loaded
-        if loaded.transitions is not None and len(search.history_items):
-            labels, scores = add_transition_prior(labels, scores, search.user_vector, int(search.history_items[-1]),
-                                                  loaded.transitions, loaded.item_vectors, self._transition_candidates)
+        live = search.live
+        loaded = live.loaded
+        if search.given is not None:
+            labels = np.concatenate([labels, search.given[search.given > live.num_trained]])
+            scores = np.concatenate([scores, exact_scores(live.item_vectors, labels[len(scores):], search.user_vector)])
+            if loaded.transitions is not None and len(search.history_items):
+                scores = scores + _boost(loaded.transitions, int(search.history_items[-1]), labels, live.num_trained)
+            labels, scores = top_by_score(labels, scores, len(labels))
+        else:
+            if loaded.transitions is not None and len(search.history_items) and \
+                    search.history_items[-1] <= live.num_trained:
+                labels, scores = add_transition_prior(labels, scores, search.user_vector, int(search.history_items[-1]),
+                                                      loaded.transitions, loaded.item_vectors,
+                                                      self._transition_candidates)
+            new = np.arange(live.num_trained + 1, live.view.num_items + 1, dtype=np.int64)
+            if len(new):  # upserted items: few next to the index, scored exactly and merged
+                labels = np.concatenate([labels, new])
+                scores = np.concatenate([scores, exact_scores(live.item_vectors, new, search.user_vector)])
+                labels, scores = top_by_score(labels, scores, len(labels))
+        if search.allowed is not None:
+            keep = search.allowed[labels]
+            labels, scores = labels[keep], scores[keep]
         candidates = filter_candidates(labels, scores, search.excluded, search.num_candidates)
         self._metrics.observe_retrieval(len(candidates.item_indices), int(np.isin(labels, search.excluded).sum()))
         return CandidateSet(
             model_version=loaded.model_version,
-            item_ids=loaded.catalogue.item_ids[candidates.item_indices],
+            item_ids=live.view.item_ids[candidates.item_indices],
             relevance=candidates.scores,
-            item_vectors=loaded.item_vectors[candidates.item_indices],
+            item_vectors=live.item_vectors[candidates.item_indices],
             history=search.history,
-            history_vectors=loaded.item_vectors[search.history_items],
+            history_vectors=live.item_vectors[search.history_items],
         )
 
     def retrieve(self, requests: list[RetrievalRequest]) -> list[CandidateSet]:
@@ -219,11 +353,31 @@ class RetrievalStage:
         return [self.candidates(search, labels, scores) for search, (labels, scores) in zip(searches, results)]
 
 
-def _model_groups(searches: list[IndexSearch]):
-    """(loaded, positions, vectors (b, D), fetch) per model version in the batch; fetch = the longest asked."""
-    for loaded, positions in group_by_model(searches, lambda search: search.loaded):
-        fetch = max(searches[p].fetch for p in positions)
-        yield loaded, positions, np.stack([searches[p].user_vector for p in positions]), fetch
+def _restrict(view: CatalogueView, history: History) -> History:
+    """The events whose item the view knows (trained or upserted), in order."""
+    keep = [raw in view.item_index_of for raw in history.item_ids]
+    if all(keep):
+        return history
+    return History(tuple(compress(history.item_ids, keep)), tuple(compress(history.behaviors, keep)))
+
+
+def _boost(prior: TransitionPrior, newest_item: int, labels: np.ndarray, num_trained: int) -> np.ndarray:
+    """The prior's term for each label; items it never saw (upserted ones, beyond the artifact) get 0."""
+    if newest_item > num_trained:
+        return np.zeros(len(labels))
+    boost = np.zeros(len(labels))
+    trained = labels <= num_trained
+    boost[trained] = prior.boost(newest_item, labels[trained])
+    return boost
+
+
+def _model_groups(searches: list[IndexSearch], positions: list[int]):
+    """(loaded, positions, vectors (b, D), fetch) per model version among `positions`; fetch = the longest asked."""
+    chosen = [searches[p] for p in positions]
+    for loaded, group in group_by_model(chosen, lambda search: search.loaded):
+        members = [positions[g] for g in group]
+        fetch = max(searches[p].fetch for p in members)
+        yield loaded, members, np.stack([searches[p].user_vector for p in members]), fetch
 
 
 def _assign(results: list, searches: list[IndexSearch], positions: list[int], labels: np.ndarray,
@@ -243,8 +397,14 @@ class Retrieval:
     (rerank.placement: retrieval), `retrieve` stops at candidates for the Reranker deployment. Given shard
     handles (`retrieval.num_shards` > 1) it holds no index itself and merges the shards' answers."""
 
-    def __init__(self, args: RetrievalArgs, *shards: DeploymentHandle) -> None:
-        self._stage = RetrievalStage(args, ServingMetrics(), shards=RemoteShards(shards) if shards else None)
+    def __init__(self, args: RetrievalArgs, history: HistoryConfig, *shards: DeploymentHandle) -> None:
+        # The live catalogue comes from the history store the ingress writes it to: each replica polls it, and
+        # catches up at once when a request names a newer version than it holds.
+        self._store = open_history_store(resolve_history_url(history, os.environ))
+        live = LiveItemsSync(self._store.items_since, history.catalogue_sync_ms / 1000.0, "retrieval")
+        live.start(wait_s=history.call_timeout_s)
+        self._stage = RetrievalStage(args, ServingMetrics(), shards=RemoteShards(shards) if shards else None,
+                                     live=live)
         self._search_batch.set_max_batch_size(args.max_batch_size)
         self._search_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
@@ -258,6 +418,8 @@ class Retrieval:
         return rerank_all(await self.retrieve(requests), requests)
 
     async def retrieve(self, requests: list[RetrievalRequest]) -> list[CandidateSet]:
+        newest = max(request.catalogue_version for request in requests)
+        await asyncio.to_thread(self._stage.live.catch_up, newest)  # off the event loop: a store read
         searches = [self._stage.prepare(request) for request in requests]  # VersionUnavailable before batching
         results = await self._search_batch(searches)
         return [self._stage.candidates(search, labels, scores) for search, (labels, scores) in zip(searches, results)]

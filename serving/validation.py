@@ -7,6 +7,7 @@ fix the request from the message alone. Pure functions: the model's vocabulary c
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -14,9 +15,6 @@ from seqrank.serving.errors import InvalidArgument, shown
 from seqrank.serving.history.events import Event, UserEvents
 from seqrank.training.vocab import UNSPECIFIED_BEHAVIOR
 from seqrank.v1 import ranking_pb2
-
-# Unix seconds up to 2100-01-01; a millisecond timestamp (13 digits) lands above and is rejected, not misread.
-MAX_TIMESTAMP_S = 4_102_444_800
 
 
 @dataclass(frozen=True)
@@ -33,10 +31,19 @@ class Limits:
     default_k: int = 10
     default_candidates: int = 200  # raised to k when k is larger
     default_diversity: float = 0.3  # MMR lambda when the request leaves `diversity` unset
+    # Event.timestamp may lie at most this far past the server clock (clock skew). A later one would stay the
+    # user's newest event forever and drive the transition prior; a millisecond timestamp lands far above too.
+    max_future_s: int = 300
+    max_request_candidates: int = 2000  # RankRequest.candidate_item_ids: a search page's matching items
+    max_filter_values: int = 100  # AttributeFilter.include_any / exclude_any, each
+    max_batch_requests: int = 100  # RankBatchRequest.requests
+    max_items_per_call: int = 1000  # UpsertItems items, SetItemAvailability item ids
+    max_attributes_per_item: int = 32  # ItemUpsert.attributes
 
     def __post_init__(self) -> None:
         for name in ("max_k", "max_candidates", "max_inline_events", "max_exclude_ids", "max_events_per_call",
-                     "max_users_per_call", "max_id_length"):
+                     "max_users_per_call", "max_id_length", "max_request_candidates", "max_filter_values",
+                     "max_batch_requests", "max_items_per_call", "max_attributes_per_item"):
             if getattr(self, name) < 1:
                 raise ValueError(f"limits.{name}: must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.default_k <= self.max_k:
@@ -48,6 +55,8 @@ class Limits:
                              f"got {self.default_candidates}")
         if not 0.0 <= self.default_diversity <= 1.0:  # also false for NaN
             raise ValueError(f"limits.default_diversity: must be in [0, 1], got {self.default_diversity}")
+        if self.max_future_s < 0:
+            raise ValueError(f"limits.max_future_s: must be >= 0, got {self.max_future_s}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,14 @@ class RankQuery:
     exclude_item_indices: frozenset[int]  # internal indices of the known exclude_item_ids
     exclude_seen: bool
     request_id: str  # "" = the server assigns one
+    candidate_item_ids: tuple[str, ...] = ()  # known caller candidates, in request order; () = retrieve
+    unknown_candidate_ids: tuple[str, ...] = ()  # caller candidates the catalogue does not know
+    include_any: tuple[str, ...] = ()  # attribute values; () = no restriction
+    exclude_any: tuple[str, ...] = ()
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.include_any or self.exclude_any)
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,7 @@ def _check_event(
     limits: Limits,
     item_index_of: Mapping[str, int],
     behavior_names: Sequence[str],
+    now_s: float,
 ) -> Event:
     _check_id(f"{field}.item_id", event.item_id, limits)
     if event.item_id not in item_index_of:
@@ -109,11 +127,14 @@ def _check_event(
     timestamp_s = None
     if event.HasField("timestamp"):
         timestamp_s = event.timestamp
-        if not 0 <= timestamp_s <= MAX_TIMESTAMP_S:
+        latest = int(now_s) + limits.max_future_s
+        if not 0 <= timestamp_s <= latest:
             raise InvalidArgument(
-                f"{field}.timestamp", f"must be Unix seconds in [0, {MAX_TIMESTAMP_S}], got {timestamp_s}"
+                f"{field}.timestamp", f"must be Unix seconds in [0, {latest}] (the server clock plus "
+                                      f"{limits.max_future_s} s), got {timestamp_s}"
             )
-    return Event(raw_item_id=event.item_id, behavior=event.behavior, timestamp_s=timestamp_s)
+    _check_id(f"{field}.event_id", event.event_id, limits, required=False)
+    return Event(raw_item_id=event.item_id, behavior=event.behavior, timestamp_s=timestamp_s, event_id=event.event_id)
 
 
 def _check_events(
@@ -122,10 +143,10 @@ def _check_events(
     limits: Limits,
     item_index_of: Mapping[str, int],
     behavior_names: Sequence[str],
+    now_s: float,
 ) -> tuple[Event, ...]:
-    return tuple(
-        _check_event(f"{field}[{i}]", event, limits, item_index_of, behavior_names) for i, event in enumerate(events)
-    )
+    return tuple(_check_event(f"{field}[{i}]", event, limits, item_index_of, behavior_names, now_s)
+                 for i, event in enumerate(events))
 
 
 def validate_rank_request(
@@ -133,8 +154,11 @@ def validate_rank_request(
     limits: Limits,
     item_index_of: Mapping[str, int],
     behavior_names: Sequence[str],
+    now_s: float | None = None,
 ) -> RankQuery:
-    """Checks every RankRequest field against `limits` and the model's vocabulary; applies defaults."""
+    """Checks every RankRequest field against `limits` and the model's vocabulary; applies defaults. `now_s`:
+    the server clock timestamps are bounded by (None = time.time())."""
+    now_s = time.time() if now_s is None else now_s
     _check_id("user_id", request.user_id, limits)
     _check_id("request_id", request.request_id, limits, required=False)
 
@@ -149,7 +173,8 @@ def validate_rank_request(
     _check_range("diversity", diversity, 0.0, 1.0)
 
     _check_count("recent_events", len(request.recent_events), limits.max_inline_events)
-    inline_events = _check_events("recent_events", request.recent_events, limits, item_index_of, behavior_names)
+    inline_events = _check_events("recent_events", request.recent_events, limits, item_index_of, behavior_names,
+                                  now_s)
 
     _check_count("exclude_item_ids", len(request.exclude_item_ids), limits.max_exclude_ids)
     for i, raw_item_id in enumerate(request.exclude_item_ids):
@@ -158,6 +183,18 @@ def validate_rank_request(
     exclude_item_indices = frozenset(
         item_index_of[raw_item_id] for raw_item_id in request.exclude_item_ids if raw_item_id in item_index_of
     )
+    _check_count("candidate_item_ids", len(request.candidate_item_ids), limits.max_request_candidates)
+    for i, raw_item_id in enumerate(request.candidate_item_ids):
+        _check_id(f"candidate_item_ids[{i}]", raw_item_id, limits)
+    if len(set(request.candidate_item_ids)) != len(request.candidate_item_ids):
+        first = next(i for i, raw in enumerate(request.candidate_item_ids)
+                     if raw in request.candidate_item_ids[:i])
+        raise InvalidArgument(f"candidate_item_ids[{first}]",
+                              f"repeats {shown(request.candidate_item_ids[first])}; send each candidate once")
+    known = tuple(raw for raw in request.candidate_item_ids if raw in item_index_of)
+    unknown = tuple(raw for raw in request.candidate_item_ids if raw not in item_index_of)
+    include_any = _check_values("filter.include_any", request.filter.include_any, limits)
+    exclude_any = _check_values("filter.exclude_any", request.filter.exclude_any, limits)
     return RankQuery(
         user_id=request.user_id,
         inline_events=inline_events,
@@ -167,7 +204,76 @@ def validate_rank_request(
         exclude_item_indices=exclude_item_indices,
         exclude_seen=request.exclude_seen if request.HasField("exclude_seen") else True,
         request_id=request.request_id,
+        candidate_item_ids=known,
+        unknown_candidate_ids=unknown,
+        include_any=include_any,
+        exclude_any=exclude_any,
     )
+
+
+def _check_values(field: str, values: Sequence[str], limits: Limits) -> tuple[str, ...]:
+    _check_count(field, len(values), limits.max_filter_values)
+    for i, value in enumerate(values):
+        _check_id(f"{field}[{i}]", value, limits)
+    return tuple(dict.fromkeys(values))
+
+
+@dataclass(frozen=True)
+class ItemUpserts:
+    """A validated UpsertItemsRequest: (raw id, attribute values) per item, in request order."""
+
+    items: tuple[tuple[str, tuple[str, ...]], ...]
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class AvailabilityChange:
+    """A validated SetItemAvailabilityRequest."""
+
+    item_ids: tuple[str, ...]
+    available: bool
+    idempotency_key: str | None
+
+
+def _check_unique_ids(field: str, raw_item_ids: Sequence[str], limits: Limits) -> None:
+    _check_count(field, len(raw_item_ids), limits.max_items_per_call, minimum=1)
+    seen: set[str] = set()
+    for i, raw_item_id in enumerate(raw_item_ids):
+        _check_id(f"{field}[{i}]", raw_item_id, limits)
+        if raw_item_id in seen:
+            raise InvalidArgument(f"{field}[{i}]", f"repeats {shown(raw_item_id)}; each item once per call")
+        seen.add(raw_item_id)
+
+
+def validate_upsert_items_request(request: ranking_pb2.UpsertItemsRequest, limits: Limits) -> ItemUpserts:
+    """Ids and attribute values within their limits, each item once; any new or known id is fine."""
+    _check_unique_ids("items", [item.item_id for item in request.items], limits)
+    _check_id("idempotency_key", request.idempotency_key, limits, required=False)
+    items = []
+    for i, item in enumerate(request.items):
+        _check_count(f"items[{i}].attributes", len(item.attributes), limits.max_attributes_per_item)
+        for j, value in enumerate(item.attributes):
+            _check_id(f"items[{i}].attributes[{j}]", value, limits)
+        items.append((item.item_id, tuple(dict.fromkeys(item.attributes))))
+    return ItemUpserts(tuple(items), request.idempotency_key or None)
+
+
+def validate_set_item_availability_request(
+    request: ranking_pb2.SetItemAvailabilityRequest, limits: Limits, item_index_of: Mapping[str, int]
+) -> AvailabilityChange:
+    """Known items only (trained or upserted): hiding an id the catalogue never held is a caller's mistake."""
+    _check_unique_ids("item_ids", request.item_ids, limits)
+    _check_id("idempotency_key", request.idempotency_key, limits, required=False)
+    for i, raw_item_id in enumerate(request.item_ids):
+        if raw_item_id not in item_index_of:
+            raise InvalidArgument(f"item_ids[{i}]", f"unknown item id {shown(raw_item_id)} (not in the catalogue; "
+                                                    "add it with UpsertItems first)")
+    return AvailabilityChange(tuple(request.item_ids), request.available, request.idempotency_key or None)
+
+
+def validate_rank_batch_request(request: ranking_pb2.RankBatchRequest, limits: Limits) -> None:
+    """The batch's own bound; each request is then validated on its own."""
+    _check_count("requests", len(request.requests), limits.max_batch_requests, minimum=1)
 
 
 def validate_record_events_request(
@@ -175,8 +281,11 @@ def validate_record_events_request(
     limits: Limits,
     item_index_of: Mapping[str, int],
     behavior_names: Sequence[str],
+    now_s: float | None = None,
 ) -> EventBatch:
-    """Checks users, their events and the idempotency key; the whole request is rejected on the first error."""
+    """Checks users, their events and the idempotency key; the whole request is rejected on the first error.
+    `now_s`: the server clock timestamps are bounded by (None = time.time())."""
+    now_s = time.time() if now_s is None else now_s
     _check_count("users", len(request.users), limits.max_users_per_call, minimum=1)
     num_events = sum(len(user.events) for user in request.users)
     if num_events > limits.max_events_per_call:
@@ -188,6 +297,6 @@ def validate_record_events_request(
     for i, user in enumerate(request.users):
         _check_id(f"users[{i}].user_id", user.user_id, limits)
         _check_count(f"users[{i}].events", len(user.events), limits.max_events_per_call, minimum=1)
-        events = _check_events(f"users[{i}].events", user.events, limits, item_index_of, behavior_names)
+        events = _check_events(f"users[{i}].events", user.events, limits, item_index_of, behavior_names, now_s)
         users.append(UserEvents(user_id=user.user_id, events=events))
     return EventBatch(users=tuple(users), idempotency_key=request.idempotency_key or None)

@@ -34,6 +34,10 @@ INDEX_FILE = "index.hnsw"
 ITEM_IDS_FILE = "item_ids.json"
 ITEM_ATTRIBUTES_FILE = "item_attributes.npy"
 ITEM_POPULARITY_FILE = "item_popularity.npy"
+ATTRIBUTE_VALUES_FILE = "attribute_values.json"  # raw value of each attribute index, "" at the PAD index 0
+ATTRIBUTE_VECTORS_FILE = "attribute_vectors.npy"  # (towers, A + 1, tower dim) attribute embeddings: cold items
+COLD_ITEMS_KEY = "cold_items"  # manifest: what training/cold_items.py needs beside the two files
+SIMILARITIES = ("dot", "cosine")
 REQUIRED_FILES = (ENCODER_FILE, ITEM_VECTORS_FILE, INDEX_FILE, ITEM_IDS_FILE, ITEM_POPULARITY_FILE)
 
 
@@ -114,6 +118,17 @@ class Artifact:
     item_attributes: np.ndarray | None  # (num_items + 1, A_max) int32 or None
     item_popularity: np.ndarray  # (num_items + 1,) float32 training event counts: the cold-start fallback
     transitions: TransitionPrior | None = None  # the item-to-item prior at its chosen weight; None = none
+    # Side information for items the model never trained on (training/cold_items.py); None when the model has no
+    # attributes or the artifact was exported before these files existed.
+    attribute_values: list[str] | None = None  # (A + 1) raw attribute values by index, "" at PAD_INDEX
+    attribute_vectors: np.ndarray | None = None  # (num_towers, A + 1, tower_dim) float32 attribute embeddings
+    attribute_index_of: dict[str, int] | None = field(default=None, repr=False)  # raw value -> index 1..A
+
+    @property
+    def cold_item_settings(self) -> dict | None:
+        """The manifest's cold_items entry (similarity, max_attributes_per_item, num_towers, tower_dim,
+        num_attributes), checked at load; None when the artifact has no attribute vocabulary."""
+        return self.manifest.get(COLD_ITEMS_KEY) if self.attribute_values is not None else None
 
     @property
     def model_version(self) -> str:
@@ -225,14 +240,29 @@ def write_artifact(
     index_params: IndexParams,
     manifest_fields: dict,
     transitions: TransitionPrior | None = None,
+    attribute_values: list[str] | None = None,
+    attribute_vectors: np.ndarray | None = None,
 ) -> Path:
     """Write every file into a temporary sibling directory, checksum them, then rename into place.
 
     The rename makes the export atomic: a serving replica pointed at `out_dir` never sees half an artifact.
+    `attribute_values` and `attribute_vectors` (both or neither) add the cold-item files and the manifest's
+    cold_items entry, whose similarity and max_attributes_per_item come from manifest_fields' encoder_config; they
+    are checked here as `load_artifact` checks them, so an export never writes an artifact that would be refused.
     """
     out_dir = Path(out_dir)
     if len(item_ids) != item_vectors.shape[0] or item_ids[PAD_INDEX] != "":
         raise ArtifactError(f"{ITEM_IDS_FILE}: expected {item_vectors.shape[0]} ids with '' at index 0")
+    if (attribute_values is None) != (attribute_vectors is None):
+        raise ArtifactError(f"{ATTRIBUTE_VALUES_FILE} and {ATTRIBUTE_VECTORS_FILE}: give both or neither")
+    if attribute_values is not None:
+        attribute_vectors = np.ascontiguousarray(attribute_vectors, dtype=np.float32)
+        encoder_config = manifest_fields.get("encoder_config", {})
+        cold_items = cold_item_settings_for(encoder_config, attribute_vectors)
+        check_cold_item_settings(cold_items, encoder_config, int(item_vectors.shape[1]), Path(MANIFEST_FILE))
+        check_attribute_values(Path(ATTRIBUTE_VALUES_FILE), attribute_values, cold_items["num_attributes"])
+        check_attribute_vectors(Path(ATTRIBUTE_VECTORS_FILE), attribute_vectors, cold_items)
+        manifest_fields = {**manifest_fields, COLD_ITEMS_KEY: cold_items}
     staging = out_dir.with_name(out_dir.name + ".tmp-" + secrets.token_hex(3))
     staging.mkdir(parents=True)
     try:
@@ -242,6 +272,9 @@ def write_artifact(
         np.save(staging / ITEM_POPULARITY_FILE, np.asarray(item_popularity, dtype=np.float32))
         if item_attributes is not None:
             np.save(staging / ITEM_ATTRIBUTES_FILE, np.ascontiguousarray(item_attributes, dtype=np.int32))
+        if attribute_values is not None:
+            (staging / ATTRIBUTE_VALUES_FILE).write_text(json.dumps(list(attribute_values)))
+            np.save(staging / ATTRIBUTE_VECTORS_FILE, attribute_vectors)
         build_hnsw_index(item_vectors, index_params, num_threads=os.cpu_count() or 1).save_index(
             str(staging / INDEX_FILE)
         )
@@ -368,6 +401,109 @@ def load_item_attributes(path: Path, num_items: int, encoder_config: dict, manif
     return attributes
 
 
+def cold_item_settings_for(encoder_config: dict, attribute_vectors: np.ndarray) -> dict:
+    """The manifest's cold_items entry for an export: the encoder's similarity and attribute slots, and the
+    (towers, A + 1, tower dim) layout of `attribute_vectors`."""
+    where = f"{MANIFEST_FILE}: encoder_config"
+    if attribute_vectors.ndim != 3:
+        raise ArtifactError(f"{ATTRIBUTE_VECTORS_FILE}: shape {attribute_vectors.shape}, expected "
+                            f"(num_towers, num_attributes + 1, tower_dim)")
+    num_towers, rows, tower_dim = (int(n) for n in attribute_vectors.shape)
+    return {
+        "similarity": encoder_config.get("similarity"),
+        "max_attributes_per_item": manifest_int(encoder_config, "max_attributes_per_item", 1, where),
+        "num_attributes": rows - 1,
+        "num_towers": num_towers,
+        "tower_dim": tower_dim,
+    }
+
+
+def check_cold_item_settings(settings: object, encoder_config: dict, dim: int, manifest_path: Path) -> dict:
+    """The manifest's cold_items entry: its own types, num_towers * tower_dim = dim, and agreement with every
+    encoder_config field that records the same thing (similarity, max_attributes_per_item, num_attributes,
+    hidden_size = tower_dim, the number of towers)."""
+    where = f"{manifest_path}: {COLD_ITEMS_KEY}"
+    if not isinstance(settings, dict):
+        raise ArtifactError(f"{where} is not a JSON object")
+    if settings.get("similarity") not in SIMILARITIES:
+        raise ArtifactError(f"{where}: similarity {settings.get('similarity')!r} is not one of "
+                            f"{', '.join(SIMILARITIES)}")
+    for key in ("max_attributes_per_item", "num_attributes", "num_towers", "tower_dim"):
+        manifest_int(settings, key, 1, where)
+    if settings["num_towers"] * settings["tower_dim"] != dim:
+        raise ArtifactError(f"{where}: num_towers {settings['num_towers']} x tower_dim {settings['tower_dim']} "
+                            f"is not the manifest's dim {dim}")
+    recorded = {key: encoder_config[key] for key in ("similarity", "max_attributes_per_item", "num_attributes")
+                if key in encoder_config}
+    if "hidden_size" in encoder_config:
+        recorded["tower_dim"] = encoder_config["hidden_size"]
+    if "towers" in encoder_config:
+        recorded["num_towers"] = len(encoder_config["towers"] or ()) or 1
+    for key, value in recorded.items():
+        if settings[key] != value:
+            raise ArtifactError(f"{where}: {key} {settings[key]!r}, encoder_config says {value!r}")
+    return settings
+
+
+def check_attribute_values(path: Path, values: object, num_attributes: int) -> list[str]:
+    """attribute_values.json's list: num_attributes + 1 strings, "" at the PAD index 0, the rest non-empty and
+    unique (a raw value must name one attribute index)."""
+    if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
+        raise ArtifactError(f"{path}: expected a JSON list of strings")
+    if len(values) != num_attributes + 1:
+        raise ArtifactError(f"{path}: {len(values)} values, expected num_attributes + 1 = {num_attributes + 1} "
+                            f"(PAD first)")
+    if values[PAD_INDEX] != "":
+        raise ArtifactError(f"{path}: value {values[PAD_INDEX]!r} at the PAD index {PAD_INDEX}, expected ''")
+    real = values[PAD_INDEX + 1:]
+    if "" in real:
+        raise ArtifactError(f"{path}: empty value at attribute index {real.index('') + PAD_INDEX + 1}")
+    if len(set(real)) != len(real):
+        duplicate = next(value for value, count in Counter(real).items() if count > 1)
+        raise ArtifactError(f"{path}: value {duplicate!r} appears more than once")
+    return values
+
+
+def check_attribute_vectors(path: Path, vectors: np.ndarray, settings: dict) -> np.ndarray:
+    """attribute_vectors.npy: (num_towers, num_attributes + 1, tower_dim) float32, all finite."""
+    shape = (settings["num_towers"], settings["num_attributes"] + 1, settings["tower_dim"])
+    check_array(path, vectors, shape, "f", "cold_items num_towers, num_attributes + 1, tower_dim")
+    if vectors.dtype != np.float32:
+        raise ArtifactError(f"{path}: dtype {vectors.dtype}, expected float32")
+    if not np.isfinite(vectors).all():
+        raise ArtifactError(f"{path}: contains NaN or infinite values")
+    return vectors
+
+
+def load_cold_item_files(path: Path, manifest: dict, files: dict, encoder_config: dict, dim: int,
+                         item_attributes: np.ndarray | None) -> tuple[list[str], np.ndarray]:
+    """attribute_values.json and attribute_vectors.npy, checked against the manifest's cold_items entry and
+    each other (and the item attributes, whose indices they name)."""
+    manifest_path = path / MANIFEST_FILE
+    for name in (ATTRIBUTE_VALUES_FILE, ATTRIBUTE_VECTORS_FILE):
+        if name not in files:
+            raise ArtifactError(f"{path / name}: not listed in the manifest; incomplete artifact")
+    if COLD_ITEMS_KEY not in manifest:
+        raise ArtifactError(f"{manifest_path}: {COLD_ITEMS_KEY} missing beside {ATTRIBUTE_VALUES_FILE} and "
+                            f"{ATTRIBUTE_VECTORS_FILE}")
+    settings = check_cold_item_settings(manifest[COLD_ITEMS_KEY], encoder_config, dim, manifest_path)
+    values_path = path / ATTRIBUTE_VALUES_FILE
+    try:
+        values = json.loads(values_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{values_path}: not valid JSON ({exc})") from None
+    values = check_attribute_values(values_path, values, settings["num_attributes"])
+    vectors = check_attribute_vectors(path / ATTRIBUTE_VECTORS_FILE, load_array(path / ATTRIBUTE_VECTORS_FILE),
+                                      settings)
+    if item_attributes is not None:
+        width = max(settings["max_attributes_per_item"], 1)
+        if item_attributes.shape[1] != width or (item_attributes.size and item_attributes.max() > len(values) - 1):
+            raise ArtifactError(f"{path / ITEM_ATTRIBUTES_FILE}: shape {item_attributes.shape} with values up to "
+                                f"{int(item_attributes.max(initial=0))}, expected {width} columns and values "
+                                f"0..{len(values) - 1} ({COLD_ITEMS_KEY} in the manifest)")
+    return values, vectors
+
+
 def load_artifact_transitions(path: Path, manifest: dict, num_items: int) -> TransitionPrior:
     """The transition prior's CSR arrays, checked so that every lookup stays inside the catalogue.
 
@@ -477,6 +613,10 @@ def load_artifact(path: str | Path) -> Artifact:
             if name not in files:
                 raise ArtifactError(f"{path / name}: not listed in the manifest; incomplete artifact")
         transitions = load_artifact_transitions(path, manifest, num_items)
+    attribute_values = attribute_vectors = None
+    if ATTRIBUTE_VALUES_FILE in files or ATTRIBUTE_VECTORS_FILE in files or COLD_ITEMS_KEY in manifest:
+        attribute_values, attribute_vectors = load_cold_item_files(path, manifest, files, encoder_config, dim,
+                                                                   attributes)
     return Artifact(
         path=path,
         manifest=manifest,
@@ -486,4 +626,8 @@ def load_artifact(path: str | Path) -> Artifact:
         item_attributes=attributes,
         item_popularity=popularity,
         transitions=transitions,
+        attribute_values=attribute_values,
+        attribute_vectors=attribute_vectors,
+        attribute_index_of=None if attribute_values is None else
+        {value: index for index, value in enumerate(attribute_values) if index != PAD_INDEX},
     )

@@ -288,8 +288,21 @@ def load_attributes(path, item_ids: np.ndarray) -> tuple[np.ndarray, int]:
     """JSON {raw_item_id: [attribute, ...]} → ((I+1, A_max) int32 attribute indices, A); 0 pads.
 
     `item_ids` is SequenceData.item_ids (PAD at 0). Attribute values are re-indexed 1..A in order of first
-    appearance over the items; repeats within one item are dropped; items absent from the file get no attributes.
+    appearance over the items; repeats within one item are dropped, and so is the empty string (index 0's name,
+    the PAD); items absent from the file get no attributes. `attribute_vocabulary` names the indices.
     """
+    matrix, values = _index_attributes(path, item_ids)
+    return matrix, len(values) - 1
+
+
+def attribute_vocabulary(path, item_ids) -> list[str]:
+    """The raw value of each attribute index `load_attributes` gives for the same file and `item_ids`: A + 1
+    strings, "" at the PAD index 0, the rest unique and non-empty (integers in the file read as their str)."""
+    return _index_attributes(path, item_ids)[1]
+
+
+def _index_attributes(path, item_ids) -> tuple[np.ndarray, list[str]]:
+    """The one reading behind `load_attributes` and `attribute_vocabulary`: (matrix, [""] + values by index)."""
     path = Path(path)
     try:
         with _open_text(path) as handle:
@@ -304,7 +317,7 @@ def load_attributes(path, item_ids: np.ndarray) -> tuple[np.ndarray, int]:
     for raw_item_id, values in raw.items():
         if not isinstance(values, list) or not all(isinstance(v, (str, int)) for v in values):
             raise DataError(path, f"item {raw_item_id!r}: expected a list of strings or integers, got {values!r}")
-        attributes_of[str(raw_item_id).strip()] = list(dict.fromkeys(str(v) for v in values))
+        attributes_of[str(raw_item_id).strip()] = [v for v in dict.fromkeys(str(v) for v in values) if v != ""]
     per_item = [attributes_of.get(str(raw_item_id), []) for raw_item_id in item_ids[PAD_INDEX + 1:]]
     flat = [value for values in per_item for value in values]
     codes, uniques = pd.factorize(pd.Series(flat, dtype=object)) if flat else (np.zeros(0, np.int64), [])
@@ -313,7 +326,7 @@ def load_attributes(path, item_ids: np.ndarray) -> tuple[np.ndarray, int]:
     rows = np.repeat(np.arange(PAD_INDEX + 1, len(item_ids)), widths)
     slots = np.arange(len(flat)) - np.repeat(np.cumsum(widths) - widths, widths)
     matrix[rows, slots] = codes + 1
-    return matrix, len(uniques)
+    return matrix, [""] + [str(value) for value in uniques]
 
 
 def _ordered_behavior_names(names) -> tuple[str, ...]:

@@ -6,7 +6,18 @@ scored strictly above the target (seen items already removed by the caller).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+
+# The keys ranking_report writes: what GetModelInfo serves as the model's metrics.
+EVALUATION_METRIC = re.compile(r"(?:HR|NDCG|coverage|ILD)@\d+|MRR|users")
+# A run's bookkeeping beside its test metrics in test_metrics.json (run_dir.FitResult.summary), not metrics.
+TRAINING_SUMMARY_KEYS = ("best_epoch", "epochs_run", "seconds", "seconds_to_best", "workers", "transition_weight")
+
+
+def is_evaluation_metric(name: str) -> bool:
+    return EVALUATION_METRIC.fullmatch(name) is not None
 
 
 def hit_rate(target_ranks: np.ndarray, k: int) -> float:

@@ -42,6 +42,39 @@ def add_bench_commands(sub) -> None:
     ann.add_argument("--out", default="runs/bench-ann", help="directory for ann.json and ann.png (default: %(default)s)")
     ann.set_defaults(func=cmd_bench_ann)
 
+    filtered = bench.add_parser("filtered", help="filtered top-k (exact for narrow filters, filtered HNSW for wide "
+                                                 "ones) against exact filtered search: recall@10, ms per query on "
+                                                 "one thread, × unfiltered HNSW, the policy's choice")
+    filtered.add_argument("--num-items", type=int, default=100_000, help="generated catalogue size (default: "
+                                                                         "%(default)s)")
+    filtered.add_argument("--dim", type=int, default=64, help="(default: %(default)s)")
+    filtered.add_argument("--queries", type=int, default=200, help="held-out queries, each timed as its own call "
+                                                                   "(default: %(default)s)")
+    filtered.add_argument("-k", type=int, default=10, help="(default: %(default)s)")
+    filtered.add_argument("--ef", type=int, default=200, help="hnswlib beam before the filter widens it "
+                                                              "(default: %(default)s, the export's ef_search)")
+    filtered.add_argument("--m", type=int, default=16, help="HNSW M (default: %(default)s)")
+    filtered.add_argument("--ef-construction", type=int, default=200, help="(default: %(default)s)")
+    filtered.add_argument("--build-threads", type=int, default=1, help="threads for index builds (default: "
+                                                                       "%(default)s); searches always use one")
+    filtered.add_argument("--selectivities", type=float, nargs="+", default=[0.5, 0.05, 0.005],
+                          help="allowed share of the catalogue per mask (default: %(default)s)")
+    filtered.add_argument("--masks", nargs="+", default=["random", "cluster"], choices=["random", "cluster"],
+                          help="random items, or whole mixture clusters (correlated) (default: %(default)s)")
+    filtered.add_argument("--index", nargs="+", default=["plain", "aug"], choices=["plain", "aug"],
+                          help="hnswlib over raw vectors, or norm-augmented ones (default: %(default)s)")
+    filtered.add_argument("--exact-max-items", type=int, default=None, help="policy override (default: "
+                                                                            "FilterPolicy's)")
+    filtered.add_argument("--exact-max-fraction", type=float, default=None, help="policy override")
+    filtered.add_argument("--beam-factor", type=float, default=None, help="policy override")
+    filtered.add_argument("--no-compare", action="store_true", help="measure only the policy's choice, not both "
+                                                                    "strategies forced")
+    filtered.add_argument("--repeats", type=int, default=2, help="timed passes, best kept (default: %(default)s)")
+    filtered.add_argument("--seed", type=int, default=0)
+    filtered.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON (rewritten "
+                                                                      "after each row)")
+    filtered.set_defaults(func=cmd_bench_filtered)
+
     mmr = bench.add_parser("mmr", help="MMR re-ranking time on one thread: C candidates down to k")
     mmr.add_argument("--candidates", type=int, default=1000, help="(default: %(default)s)")
     mmr.add_argument("-k", type=int, default=50, help="(default: %(default)s)")
@@ -156,4 +189,29 @@ def cmd_bench_mmr(args) -> int:
     report = bench_mmr(args.candidates, args.k, args.dim, args.diversity, args.repeats)
     print(format_mmr(report))
     write_json_report(args.json, report)
+    return 0
+
+
+def cmd_bench_filtered(args) -> int:
+    from dataclasses import replace
+
+    from seqrank.serving.bench.filtered import Row, bench_filtered, format_table, write_report
+    from seqrank.serving.filtered_search import FilterPolicy
+
+    overrides = {name: getattr(args, name) for name in ("exact_max_items", "exact_max_fraction", "beam_factor")
+                 if getattr(args, name) is not None}
+    report = bench_filtered(num_items=args.num_items, dim=args.dim, num_queries=args.queries, k=args.k, ef=args.ef,
+                            M=args.m, ef_construction=args.ef_construction, build_threads=args.build_threads,
+                            selectivities=args.selectivities, mask_kinds=args.masks, index_kinds=args.index,
+                            policy=replace(FilterPolicy(), **overrides), compare=not args.no_compare,
+                            repeats=args.repeats, seed=args.seed,
+                            on_report=lambda partial: write_report(args.json, partial))
+    build = ", ".join(f"{kind} {seconds:.0f} s" for kind, seconds in report["build_s"].items())
+    print(f"{report['vectors']}; {report['queries']} queries, k={report['k']}, ef={report['ef']}, M={report['M']}, "
+          f"ef_construction={report['ef_construction']}; searches on one thread, builds on {report['build_threads']} "
+          f"({build}); policy {report['policy']}")
+    print(format_table([Row(**row) for row in report["rows"]]))
+    print("\n".join(report["target"]))
+    if args.json:
+        print(f"wrote {args.json}")
     return 0

@@ -36,6 +36,12 @@ def add_client_commands(sub) -> None:
     rank.add_argument("--events", nargs="*", default=[], metavar="ITEM[:BEHAVIOR]",
                       help="recent events, oldest first, used instead of the stored history (not stored)")
     rank.add_argument("--include-seen", action="store_true", help="allow items from the history")
+    rank.add_argument("--candidates", nargs="*", default=[], metavar="ITEM",
+                      help="rank these items (a search result) instead of retrieving from the catalogue")
+    rank.add_argument("--include-attr", nargs="*", default=[], metavar="VALUE",
+                      help="only items having one of these attribute values (e.g. a category)")
+    rank.add_argument("--exclude-attr", nargs="*", default=[], metavar="VALUE",
+                      help="never items having one of these attribute values (e.g. a brand)")
     client_arguments(rank)
     rank.set_defaults(func=cmd_rank)
 
@@ -50,6 +56,25 @@ def add_client_commands(sub) -> None:
     info = sub.add_parser("info", help="the serving model: version, sizes, index, offline metrics")
     client_arguments(info)
     info.set_defaults(func=cmd_info)
+
+    items = sub.add_parser("items", help="the live catalogue: add items, hide or restore them, show its state")
+    commands = items.add_subparsers(dest="items_command", required=True)
+    upsert = commands.add_parser("upsert", help="add an item (or replace its attribute values) without retraining")
+    upsert.add_argument("item_id")
+    upsert.add_argument("attributes", nargs="*", metavar="VALUE", help="attribute values, e.g. category and brand")
+    upsert.add_argument("--idempotency-key", default=None, help="default: a generated key, the same on every retry")
+    client_arguments(upsert)
+    upsert.set_defaults(func=cmd_items_upsert)
+    for name, available, summary in (("hide", False, "hide items from every list (sold out, delisted)"),
+                                     ("restore", True, "show hidden items again")):
+        change = commands.add_parser(name, help=summary)
+        change.add_argument("item_ids", nargs="+", metavar="ITEM")
+        change.add_argument("--idempotency-key", default=None, help="default: a generated key")
+        client_arguments(change)
+        change.set_defaults(func=cmd_items_availability, available=available)
+    show = commands.add_parser("show", help="catalogue size, upserted and hidden items, catalogue version")
+    client_arguments(show)
+    show.set_defaults(func=cmd_items_show)
 
 
 def parse_event(text: str):
@@ -99,7 +124,8 @@ def cmd_rank(args) -> int:
     events = [parse_event(text) for text in args.events]
     return call_service(args, lambda client: client.rank(
         args.user_id, k=args.k, diversity=args.diversity, exclude_item_ids=args.exclude, recent_events=events,
-        exclude_seen=False if args.include_seen else None,
+        exclude_seen=False if args.include_seen else None, candidate_item_ids=args.candidates,
+        include_any=args.include_attr, exclude_any=args.exclude_attr,
     ))
 
 
@@ -110,3 +136,17 @@ def cmd_record(args) -> int:
 
 def cmd_info(args) -> int:
     return call_service(args, lambda client: client.model_info())
+
+
+def cmd_items_upsert(args) -> int:
+    return call_service(args, lambda client: client.upsert_items({args.item_id: args.attributes},
+                                                                 args.idempotency_key))
+
+
+def cmd_items_availability(args) -> int:
+    return call_service(args, lambda client: client.set_item_availability(args.item_ids, args.available,
+                                                                          args.idempotency_key))
+
+
+def cmd_items_show(args) -> int:
+    return call_service(args, lambda client: client.model_info().catalogue)

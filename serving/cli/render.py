@@ -27,7 +27,20 @@ def format_response(response) -> str:
                  f"ms: {timings}", f"{'#':>3}  {'item':<20} {'score':>8} {'relevance':>10}  explanation"]
         lines += [f"{rank:>3}  {item.item_id:<20} {item.score:8.4f} {item.relevance:10.4f}  {item.explanation}"
                   for rank, item in enumerate(response.items, start=1)]
+        if response.unknown_candidate_ids:
+            lines.append(f"unknown candidates (not ranked): {', '.join(response.unknown_candidate_ids)}")
         return "\n".join(lines)
+    if isinstance(response, ranking_pb2.UpsertItemsResponse):
+        unknown = ", ".join(response.unknown_attribute_values) or "none"
+        replay = " (idempotent replay: nothing written)" if response.idempotent_replay else ""
+        return (f"created {response.created}, updated {response.updated}, catalogue version "
+                f"{response.catalogue_version}; attribute values the model does not know: {unknown}{replay}")
+    if isinstance(response, ranking_pb2.SetItemAvailabilityResponse):
+        replay = " (idempotent replay: nothing written)" if response.idempotent_replay else ""
+        return f"changed {response.changed}, catalogue version {response.catalogue_version}{replay}"
+    if isinstance(response, ranking_pb2.CatalogueInfo):
+        return (f"items {response.items} (upserted {response.upserted}), hidden {response.hidden}, "
+                f"catalogue version {response.version}")
     if isinstance(response, ranking_pb2.RecordEventsResponse):
         replay = " (idempotent replay: nothing written)" if response.idempotent_replay else ""
         return (f"accepted {response.accepted}, stored {response.stored}, "

@@ -15,6 +15,9 @@ def add_serve_commands(sub) -> None:
     serve.add_argument("--config", default=str(SERVE_CONFIG_PATH), help="Serve config YAML (default: %(default)s)")
     serve.add_argument("--artifact", default=None, help="artifact directory; overrides the config's artifact_path")
     serve.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may schedule (default: all)")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="serve without ingress.auth.tokens although Ray Serve's gRPC proxy listens on every "
+                            "interface (a machine no one else can reach)")
     serve.set_defaults(func=cmd_serve)
 
     deploy = sub.add_parser("deploy", help="apply a (changed) Serve config to a running service; a new artifact "
@@ -41,7 +44,25 @@ def load_serve_config(args):
 
 
 def cmd_serve(args) -> int:
-    return serve_until_interrupted(load_serve_config(args), args.config, args.num_cpus)
+    config = load_serve_config(args)
+    require_auth_on_every_interface(config, args.allow_unauthenticated)
+    return serve_until_interrupted(config, args.config, args.num_cpus)
+
+
+def require_auth_on_every_interface(config: dict, allow_unauthenticated: bool) -> None:
+    """Ray Serve 2.60 binds its gRPC proxy to [::] (every interface; no setting changes it), so a local service
+    is reachable from the network: without tokens anyone there could rank and write events. Refuse unless the
+    caller says the machine is private."""
+    from seqrank.serving.ops.serve_config_check import ConfigError, application
+
+    tokens = (application(config).get("args") or {}).get("ingress", {}).get("auth", {}).get("tokens", "")
+    if tokens:
+        return
+    if not allow_unauthenticated:
+        raise ConfigError("applications[0].args.ingress.auth.tokens: empty, but the gRPC proxy listens on every "
+                          "interface; set tokens (env:NAME or file:/path, see docs/api.md) or pass "
+                          "--allow-unauthenticated on a machine no one else can reach")
+    print("warning: serving WITHOUT authentication on every interface (--allow-unauthenticated)", flush=True)
 
 
 def serve_until_interrupted(config: dict, config_path: str, num_cpus: float | None = None, on_ready=None,
@@ -63,7 +84,8 @@ def serve_until_interrupted(config: dict, config_path: str, num_cpus: float | No
         print(f"deploying {application(config)['name']} (dashboard {dashboard_url}) ...", flush=True)
         apply(config, dashboard_url)
         grpc_port = config.get("grpc_options", {}).get("port", DEFAULT_GRPC_PORT)
-        print(f"serving gRPC on 127.0.0.1:{grpc_port}, Prometheus metrics on "
+        auth = "bearer token required" if app_args.ingress.auth.enabled else "NO authentication"
+        print(f"serving gRPC on 127.0.0.1:{grpc_port} (every interface, {auth}), Prometheus metrics on "
               f"http://127.0.0.1:{app_args.local.metrics_export_port}/metrics", flush=True)
         if on_ready is not None:
             on_ready(f"127.0.0.1:{grpc_port}")
@@ -80,15 +102,21 @@ def serve_until_interrupted(config: dict, config_path: str, num_cpus: float | No
 
 def cmd_quickstart(args) -> int:
     from seqrank.serving.ops.deploy import localize, read_serve_config
-    from seqrank.serving.ops.quickstart import prepare_artifact
+    from seqrank.serving.ops.quickstart import prepare_artifact, write_token
 
-    artifact, sample_histories = prepare_artifact(Path(args.out), say=print)
+    out = Path(args.out)
+    artifact, sample_histories = prepare_artifact(out, say=print)
     config = localize(read_serve_config(args.config), artifact_path=artifact)
     config["applications"][0]["logging_config"] = {"enable_access_log": False}  # keep the printed lists readable
-    history = config["applications"][0]["args"]["ingress"]["history"]
-    history["url"] = f"sqlite:///{(Path(args.out) / 'history.db').resolve()}"
+    ingress = config["applications"][0]["args"]["ingress"]
+    ingress["history"]["url"] = f"sqlite:///{(out / 'history.db').resolve()}"
+    # The proxy listens on every interface, so even the demo requires a token: a fresh one, readable only by you.
+    token_file, token = write_token(out)
+    ingress["auth"] = {"tokens": f"file:{token_file}"}
+    print(f"bearer token in {token_file}; from another shell: SEQRANK_TOKEN=$(cat {token_file}) seqrank rank "
+          f"{next(iter(sample_histories))}")
     return serve_until_interrupted(config, args.config, args.num_cpus,
-                                   on_ready=lambda target: show_ranked_lists(target, sample_histories),
+                                   on_ready=lambda target: show_ranked_lists(target, sample_histories, token),
                                    stay_up=not args.exit)
 
 
@@ -113,11 +141,11 @@ def cmd_deploy(args) -> int:
     return 0
 
 
-def show_ranked_lists(target: str, samples: dict) -> None:
+def show_ranked_lists(target: str, samples: dict, token: str | None = None) -> None:
     """RecordEvents then Rank for each sample user, over real gRPC, printed as tables."""
     from seqrank.serving.client.ranking_client import RankingClient
 
-    with RankingClient(target) as client:
+    with RankingClient(target, token=token) as client:
         for user_id, events in samples.items():
             client.record({user_id: events}, idempotency_key=f"quickstart-{user_id}")
             recent = ", ".join(f"{e.raw_item_id}:{e.behavior}" for e in events[-4:])

@@ -5,9 +5,10 @@ response messages; `as_dict` turns one into plain JSON-ready data. Errors arrive
 server's status code and a message naming the offending field.
 
 Every call carries a deadline (`timeout_s`, per attempt) and, when given, `authorization: Bearer <token>`.
-Retries (serving/client/retry.py): Rank, GetModelInfo and Check on UNAVAILABLE, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED;
-RecordEvents on UNAVAILABLE and RESOURCE_EXHAUSTED only when it carries an idempotency key: `record` generates
-one when the caller gives none, and every attempt sends the same request, key included. TLS (`TlsConfig`) is for
+Retries (serving/client/retry.py): Rank, RankBatch, GetModelInfo and Check on UNAVAILABLE, RESOURCE_EXHAUSTED and
+DEADLINE_EXCEEDED; RecordEvents, UpsertItems and SetItemAvailability on UNAVAILABLE and RESOURCE_EXHAUSTED only
+when they carry an idempotency key: `record`, `upsert_items` and `set_item_availability` generate one when the
+caller gives none, and every attempt sends the same request, key included. TLS (`TlsConfig`) is for
 a gateway or mesh in front of Serve's plaintext proxy; a client certificate and key make it mTLS.
 """
 
@@ -72,7 +73,7 @@ class TlsConfig:
 
 
 def event_message(event: Event) -> ranking_pb2.Event:
-    message = ranking_pb2.Event(item_id=event.raw_item_id, behavior=event.behavior)
+    message = ranking_pb2.Event(item_id=event.raw_item_id, behavior=event.behavior, event_id=event.event_id)
     if event.timestamp_s is not None:
         message.timestamp = event.timestamp_s
     return message
@@ -86,6 +87,36 @@ def as_dict(message: Message) -> dict:
     if isinstance(message, ranking_pb2.GetModelInfoResponse):
         data["num_items"] = int(data["num_items"])
     return data
+
+
+def rank_request(
+    user_id: str,
+    *,
+    k: int | None = None,
+    diversity: float | None = None,
+    candidate_pool_size: int | None = None,
+    exclude_item_ids: Sequence[str] = (),
+    exclude_seen: bool | None = None,
+    recent_events: Sequence[Event] = (),
+    request_id: str = "",
+    candidate_item_ids: Sequence[str] = (),
+    include_any: Sequence[str] = (),
+    exclude_any: Sequence[str] = (),
+) -> ranking_pb2.RankRequest:
+    """A RankRequest; unset knobs (None) stay unset, so the server's defaults apply."""
+    request = ranking_pb2.RankRequest(
+        user_id=user_id, exclude_item_ids=list(exclude_item_ids), request_id=request_id,
+        recent_events=[event_message(event) for event in recent_events],
+        candidate_item_ids=list(candidate_item_ids),
+    )
+    if include_any or exclude_any:
+        request.filter.include_any.extend(include_any)
+        request.filter.exclude_any.extend(exclude_any)
+    for name, value in (("k", k), ("diversity", diversity), ("candidate_pool_size", candidate_pool_size),
+                        ("exclude_seen", exclude_seen)):
+        if value is not None:
+            setattr(request, name, value)
+    return request
 
 
 class RankingClient:
@@ -133,17 +164,47 @@ class RankingClient:
         exclude_seen: bool | None = None,
         recent_events: Sequence[Event] = (),
         request_id: str = "",
+        candidate_item_ids: Sequence[str] = (),
+        include_any: Sequence[str] = (),
+        exclude_any: Sequence[str] = (),
     ) -> ranking_pb2.RankResponse:
-        """Unset knobs (None) take the server's defaults."""
-        request = ranking_pb2.RankRequest(
-            user_id=user_id, exclude_item_ids=list(exclude_item_ids), request_id=request_id,
-            recent_events=[event_message(event) for event in recent_events],
-        )
-        for name, value in (("k", k), ("diversity", diversity), ("candidate_pool_size", candidate_pool_size),
-                            ("exclude_seen", exclude_seen)):
-            if value is not None:
-                setattr(request, name, value)
+        """Unset knobs (None) take the server's defaults. `candidate_item_ids`: rank these (search re-ranking)
+        instead of retrieving; `include_any` / `exclude_any`: attribute values the items must / must not have."""
+        request = rank_request(user_id, k=k, diversity=diversity, candidate_pool_size=candidate_pool_size,
+                               exclude_item_ids=exclude_item_ids, exclude_seen=exclude_seen,
+                               recent_events=recent_events, request_id=request_id,
+                               candidate_item_ids=candidate_item_ids, include_any=include_any,
+                               exclude_any=exclude_any)
         return self.send_rank(request)
+
+    def rank_batch(self, requests: Sequence[ranking_pb2.RankRequest]) -> ranking_pb2.RankBatchResponse:
+        """Many users in one call (build each with `rank_request`); each result carries its own status."""
+        request = ranking_pb2.RankBatchRequest(requests=list(requests))
+        return self._call(lambda: self._ranking.RankBatch(request, timeout=self._timeout_s, metadata=self._metadata),
+                          RETRYABLE_READS)
+
+    def upsert_items(self, attributes_by_item: Mapping[str, Sequence[str]],
+                     idempotency_key: str | None = None) -> ranking_pb2.UpsertItemsResponse:
+        """New items or new attribute values, {raw id: [attribute values]}; `idempotency_key` None = a generated
+        one, so that retries are safe."""
+        request = ranking_pb2.UpsertItemsRequest(
+            items=[ranking_pb2.ItemUpsert(item_id=item, attributes=list(values))
+                   for item, values in attributes_by_item.items()],
+            idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key)
+        return self._call(lambda: self._ranking.UpsertItems(request, timeout=self._timeout_s, metadata=self._metadata),
+                          RETRYABLE if request.idempotency_key else None)
+
+    def set_item_availability(self, item_ids: Sequence[str], available: bool,
+                              idempotency_key: str | None = None) -> ranking_pb2.SetItemAvailabilityResponse:
+        """Hides (available=False) or restores items; retried like `record`."""
+        request = ranking_pb2.SetItemAvailabilityRequest(
+            item_ids=list(item_ids), available=available,
+            idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key)
+        return self._call(lambda: self._ranking.SetItemAvailability(request, timeout=self._timeout_s,
+                                                                    metadata=self._metadata),
+                          RETRYABLE if request.idempotency_key else None)
+
+
 
     def send_rank(self, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
         return self._call(lambda: self._ranking.Rank(request, timeout=self._timeout_s, metadata=self._metadata),

@@ -1,4 +1,4 @@
-"""Users' behaviour histories: `open_history_store` picks the backend from the URL.
+"""Users' behaviour histories and the live catalogue's state: `open_history_store` picks the backend from the URL.
 
 The types and the protocol live in `events.py`, the backends in `sqlite_store.py` and `redis_store.py`.
 """
@@ -13,9 +13,13 @@ from seqrank.serving.history.events import (
     REDIS_URL_PREFIXES,
     SQLITE_URL_PREFIX,
     AppendResult,
+    CatalogueWrite,
+    Durability,
     Event,
     HistoryConfig,
     HistoryStore,
+    ItemChange,
+    ItemState,
     StoredEvent,
     UserEvents,
 )
@@ -23,8 +27,9 @@ from seqrank.serving.history.redis_store import RedisHistoryStore
 from seqrank.serving.history.sqlite_store import SQLiteHistoryStore
 
 __all__ = [
-    "SQLITE_URL_PREFIX", "AppendResult", "Event", "HistoryConfig", "HistoryStore", "RedisHistoryStore", "SQLiteHistoryStore",
-    "StoredEvent", "UserEvents", "open_history_store", "resolve_history_url",
+    "SQLITE_URL_PREFIX", "AppendResult", "CatalogueWrite", "Durability", "Event", "HistoryConfig", "HistoryStore",
+    "ItemChange", "ItemState", "RedisHistoryStore", "SQLiteHistoryStore", "StoredEvent", "UserEvents",
+    "open_history_store", "resolve_history_url",
 ]
 
 
@@ -50,6 +55,7 @@ def open_history_store(config: HistoryConfig) -> HistoryStore:
             config.max_events_per_user,
             busy_timeout_s=config.busy_timeout_s,
             idempotency_ttl_s=config.idempotency_ttl_s,
+            user_ttl_s=config.user_ttl_s,
         )
     if url.startswith(ENV_URL_PREFIX):
         raise ValueError(f"history.url: {url!r} is unresolved; call resolve_history_url(config, os.environ) first")

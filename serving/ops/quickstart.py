@@ -7,6 +7,7 @@ picks a few users' recent events, which the CLI then records over gRPC before it
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -47,3 +48,14 @@ def prepare_artifact(out_dir: Path, say: Callable[[str], None] = logger.info) ->
         if len(samples) == SAMPLE_USERS:
             break
     return artifact_dir, samples
+
+
+def write_token(out_dir: Path) -> tuple[Path, str]:
+    """A fresh random bearer token in out_dir/token, readable by its owner only; returns (file, token)."""
+    token = secrets.token_urlsafe(32)
+    path = (out_dir / "token").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(token + "\n")
+    return path, token

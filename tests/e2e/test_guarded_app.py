@@ -123,17 +123,34 @@ def test_health_needs_no_token(guarded):
         assert client.health() == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_a_rejected_token_appears_in_no_log_file(guarded):
+def test_garbage_without_a_token_is_unauthenticated_and_with_one_invalid_argument(guarded):
+    # Auth comes first: an unauthenticated caller learns nothing about how its bytes would decode.
+    with grpc.insecure_channel(guarded.grpc_target) as channel:
+        call = channel.unary_unary("/seqrank.v1.RankingService/Rank", request_serializer=None,
+                                   response_deserializer=None)
+        for token, expected in ((None, grpc.StatusCode.UNAUTHENTICATED), (OLD_TOKEN, grpc.StatusCode.INVALID_ARGUMENT)):
+            metadata = (("application", GUARDED),) + ((("authorization", f"Bearer {token}"),) if token else ())
+            with pytest.raises(grpc.RpcError) as error:
+                call(b"\x0a\x02\xff\xfe", timeout=30, metadata=metadata)
+            assert error.value.code() == expected, error.value.details()
+
+
+def test_no_token_appears_in_any_log_file(guarded, item_ids):
+    """Neither a rejected token nor the accepted ones (the token file's contents), after calls with each."""
     import ray
 
     with guarded_client(guarded, REJECTED_TOKEN) as client, pytest.raises(grpc.RpcError):
         client.model_info()
+    for token in (OLD_TOKEN, NEW_TOKEN):
+        with guarded_client(guarded, token) as client:
+            client.send_rank(rank_request(item_ids))
     time.sleep(1.0)  # let the replica's and the proxy's log lines reach their files
     logs = Path(ray.init(ignore_reinit_error=True).address_info["session_dir"]) / "logs"
     files = [path for path in logs.rglob("*") if path.is_file()]
     assert files, f"no log files under {logs}"
-    needle = REJECTED_TOKEN.encode()
-    assert [str(path) for path in files if needle in path.read_bytes()] == []
+    for token in (REJECTED_TOKEN, OLD_TOKEN, NEW_TOKEN):
+        needle = token.encode()
+        assert [str(path) for path in files if needle in path.read_bytes()] == [], token
 
 
 def test_a_full_queue_answers_resource_exhausted_at_once(guarded, item_ids):

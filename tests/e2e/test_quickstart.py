@@ -43,7 +43,10 @@ def test_quickstart_trains_serves_and_prints_ranked_lists(tmp_path):
                              "--num-cpus", "4"], capture_output=True, text=True, timeout=QUICKSTART_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout
-    assert f"serving gRPC on 127.0.0.1:{grpc_port}" in output
+    assert f"serving gRPC on 127.0.0.1:{grpc_port} (every interface, bearer token required)" in output
+    token_file = out / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600  # the demo's own token, readable by its owner only
+    assert len(token_file.read_text().strip()) >= 32
 
     artifact = load_artifact(out / "artifact")  # verified load: checksums, shapes
     catalogue = set(artifact.item_ids[1:])

@@ -82,11 +82,11 @@ class GuardedIngress:
     def __init__(self):
         self.rpc_hooks = RpcHooks(authenticate=BearerAuth([OLD]).check)
 
-    @rpc_method(ranking_pb2.RankResponse)
+    @rpc_method(ranking_pb2.RankRequest, ranking_pb2.RankResponse)
     async def Rank(self, request, grpc_context):
         return ranking_pb2.RankResponse(request_id="ranked")
 
-    @rpc_method(ranking_pb2.RankResponse, public=True)
+    @rpc_method(ranking_pb2.RankRequest, ranking_pb2.RankResponse, public=True)
     async def Check(self, request, grpc_context):
         return ranking_pb2.RankResponse(request_id="healthy")
 

@@ -65,3 +65,19 @@ def test_unreachable_service_is_a_clear_error(capsys):
         port = probe.getsockname()[1]
     assert main(["info", "--target", f"127.0.0.1:{port}"]) == 1
     assert capsys.readouterr().err.startswith("error: UNAVAILABLE:")
+
+
+def test_serve_refuses_to_listen_on_every_interface_without_tokens(tmp_path, capsys):
+    # Ray Serve's gRPC proxy binds [::]: without tokens anyone on the network could rank and write. Refused
+    # before anything starts (no Ray here), naming the setting and the way out.
+    assert main(["serve", "--artifact", str(tmp_path / "absent")]) == 2
+    error = capsys.readouterr().err
+    assert "applications[0].args.ingress.auth.tokens: empty" in error and "--allow-unauthenticated" in error
+
+
+def test_serve_accepts_a_config_with_tokens_or_an_explicit_opt_out():
+    from seqrank.serving.cli.serve import require_auth_on_every_interface
+
+    with_tokens = {"applications": [{"args": {"ingress": {"auth": {"tokens": "env:SEQRANK_TOKENS"}}}}]}
+    require_auth_on_every_interface(with_tokens, allow_unauthenticated=False)  # nothing to refuse
+    require_auth_on_every_interface({"applications": [{"args": {}}]}, allow_unauthenticated=True)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from seqrank.serving.health import HEALTH_SERVICER_FUNCTION
 from seqrank.serving.ops.deploy import localize, preflight, read_serve_config
 from seqrank.serving.ops.serve_config_check import MODEL_DEPLOYMENTS, ConfigError, application, bound_deployments
+from seqrank.serving.servicers import HEALTH_SERVICER_FUNCTION, RANKING_SERVICER_FUNCTION
 from seqrank.training.artifact import ArtifactError
 from tests.serving.artifacts import write_small_artifact
 from tests.topology import with_deployment_pools
@@ -37,7 +37,7 @@ def test_committed_config_serves_both_grpc_services_with_a_route_prefix():
     config = read_serve_config()
     servicers = config["grpc_options"]["grpc_servicer_functions"]
     assert HEALTH_SERVICER_FUNCTION in servicers
-    assert "seqrank.v1.ranking_pb2_grpc.add_RankingServiceServicer_to_server" in servicers
+    assert RANKING_SERVICER_FUNCTION in servicers
     assert config["grpc_options"]["port"] == 9000 and config["grpc_options"]["enable_reflection"] is True
     app = application(config)
     assert app["route_prefix"] and app["import_path"] == "seqrank.serving.app:build_app"

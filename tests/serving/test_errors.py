@@ -29,7 +29,7 @@ class Ingress:
         if hooks is not None:
             self.rpc_hooks = hooks
 
-    @rpc_method(ranking_pb2.RankResponse)
+    @rpc_method(ranking_pb2.RankRequest, ranking_pb2.RankResponse)
     async def Rank(self, request, grpc_context):
         self.calls += 1
         return await self.behaviour(request)

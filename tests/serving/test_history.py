@@ -24,6 +24,7 @@ from seqrank.serving.history import (
     resolve_history_url,
 )
 from seqrank.serving.history.redis_store import KEY_PREFIX, RedisHistoryStore
+from seqrank.serving.history.sqlite_store import SCHEMA_VERSION
 
 
 class FakeClock:
@@ -50,14 +51,15 @@ def history_url(request, db_path):
     return server.url()
 
 
-def open_backend(url, max_events_per_user=5, *, clock=time.time, idempotency_ttl_s=86_400, busy_timeout_s=5.0):
+def open_backend(url, max_events_per_user=5, *, clock=time.time, idempotency_ttl_s=86_400, busy_timeout_s=5.0,
+                 user_ttl_s=0):
     """A new client of the store at `url`, with an injectable clock (open_history_store always uses time.time)."""
     config = HistoryConfig(url=url, max_events_per_user=max_events_per_user, busy_timeout_s=busy_timeout_s,
-                           idempotency_ttl_s=idempotency_ttl_s)
+                           idempotency_ttl_s=idempotency_ttl_s, user_ttl_s=user_ttl_s)
     if url.startswith("redis://"):
         return RedisHistoryStore(config, clock=clock)
     return SQLiteHistoryStore(url[len("sqlite:///"):], max_events_per_user, busy_timeout_s=busy_timeout_s,
-                              idempotency_ttl_s=idempotency_ttl_s, clock=clock)
+                              idempotency_ttl_s=idempotency_ttl_s, user_ttl_s=user_ttl_s, clock=clock)
 
 
 @pytest.fixture
@@ -124,10 +126,11 @@ def test_equal_timestamps_keep_insertion_order(store):
     assert recent[0].seq < recent[1].seq < recent[2].seq
 
 
-def test_unset_timestamp_takes_the_store_clock(open_store):
-    store = open_store(clock=FakeClock(1_234.9))
-    store.append([UserEvents("u1", (Event("a", "pv"),))])
-    assert store.recent("u1", 1)[0].timestamp_s == 1_234
+def test_unset_timestamp_takes_the_store_clock_in_milliseconds(open_store):
+    store = open_store(clock=FakeClock(1_234.567))
+    store.append([UserEvents("u1", (Event("a", "pv"), Event("b", "pv", 1_000)))])
+    stored = store.recent("u1", 2)
+    assert [(e.timestamp_ms, e.timestamp_s) for e in stored] == [(1_000_000, 1_000), (1_234_567, 1_234)]
 
 
 def test_history_is_bounded_per_user_keeping_the_newest(store):
@@ -137,12 +140,24 @@ def test_history_is_bounded_per_user_keeping_the_newest(store):
     assert items_of(store.recent("u2", 100)) == ["p", "q"]
 
 
-def test_exact_duplicates_are_ignored_and_counted(store):
-    first = store.append([events("u1", "a", "b")])
-    again = store.append([events("u1", "a", "b", "c")])
+def test_identical_anonymous_events_in_one_call_are_all_kept(open_store):
+    # A real re-view within the same (server-clock) second: two identical events, neither may be lost.
+    store = open_store(clock=FakeClock(5_000.0))
+    result = store.append([UserEvents("u1", (Event("a", "pv"), Event("a", "pv")))])
+    assert result == AppendResult(accepted=2, stored=2, duplicates_ignored=0, idempotent_replay=False)
+    assert items_of(store.recent("u1", 10)) == ["a", "a"]
+
+
+def test_an_event_id_is_stored_once_per_user_and_counted(store):
+    first = store.append([UserEvents("u1", (Event("a", "pv", 1, "e1"), Event("b", "pv", 2, "e2")))])
+    again = store.append([UserEvents("u1", (Event("a", "pv", 1, "e1"), Event("b", "pv", 2, "e2"),
+                                            Event("c", "pv", 3, "e3"))),
+                          UserEvents("u2", (Event("a", "pv", 1, "e1"),))])  # ids are per user
     assert first == AppendResult(accepted=2, stored=2, duplicates_ignored=0, idempotent_replay=False)
-    assert again == AppendResult(accepted=3, stored=1, duplicates_ignored=2, idempotent_replay=False)
+    assert again == AppendResult(accepted=4, stored=2, duplicates_ignored=2, idempotent_replay=False)
     assert items_of(store.recent("u1", 10)) == ["a", "b", "c"]
+    assert [e.event_id for e in store.recent("u1", 10)] == ["e1", "e2", "e3"]
+    assert items_of(store.recent("u2", 10)) == ["a"]
 
 
 def test_repeated_idempotency_key_is_acknowledged_without_storing_twice(open_store):
@@ -303,22 +318,118 @@ def test_history_config_refuses_wait_replicas_outside_redis():
         HistoryConfig(url="redis://localhost:6379/0", wait_replicas=1, wait_timeout_ms=0)
 
 
-def test_one_call_with_a_user_twice_and_inner_duplicates_counts_each_event_once(store):
-    result = store.append([events("u1", "a", "b"), events("u2", "p"), events("u1", "b", "c", start=101)])
+def with_ids(user_events):
+    """The same events, each with an event id derived from its item (so a repeated item is a repeated id)."""
+    return UserEvents(user_events.user_id, tuple(Event(e.raw_item_id, e.behavior, e.timestamp_s, f"id-{e.raw_item_id}")
+                                                 for e in user_events.events))
+
+
+def test_one_call_with_a_user_twice_and_a_repeated_event_id_counts_it_once(store):
+    result = store.append([with_ids(events("u1", "a", "b")), with_ids(events("u2", "p")),
+                           with_ids(events("u1", "b", "c", start=101))])
     assert result == AppendResult(accepted=5, stored=4, duplicates_ignored=1, idempotent_replay=False)
     assert items_of(store.recent("u1", 10)) == ["a", "b", "c"]
 
 
-def test_an_event_trimmed_away_is_no_longer_a_duplicate(store):
-    store.append([events("u1", *"abcdef")])  # bound 5: "a" is trimmed
-    again = store.append([events("u1", "a")])
+def test_an_event_id_trimmed_away_is_no_longer_a_duplicate(store):
+    store.append([with_ids(events("u1", *"abcdef"))])  # bound 5: "a" is trimmed
+    again = store.append([with_ids(events("u1", "a"))])
     assert again.stored == 1  # stored, then trimmed again as the oldest: like SQLite's INSERT then DELETE
     assert items_of(store.recent("u1", 10)) == ["b", "c", "d", "e", "f"]
 
 
+def test_sqlite_forgets_a_user_idle_past_the_ttl(db_path):
+    clock = FakeClock(1_000_000.0)
+    store = SQLiteHistoryStore(db_path, 5, user_ttl_s=3_600, clock=clock)
+    store.append([events("idle", "a"), events("active", "b")])
+    clock.now += 3_000
+    store.append([events("active", "c", start=200)])
+    clock.now += 601  # "idle" last wrote 3,601 s ago, "active" 601 s ago
+    assert store.recent("idle", 5) == []  # expired at once for readers, before any purge
+    assert items_of(store.recent("active", 5)) == ["b", "c"]
+    store.append([events("someone", "d")])  # an append purges the expired rows
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM events WHERE user_id = 'idle'").fetchone()[0] == 0
+        assert raw.execute("SELECT COUNT(*) FROM users WHERE user_id = 'idle'").fetchone()[0] == 0
+    store.append([events("idle", "e", start=300)])  # a returning user starts afresh
+    assert items_of(store.recent("idle", 5)) == ["e"]
+    store.close()
+
+
+def test_redis_forgets_a_user_idle_past_the_ttl(redis_server):
+    with redis_server.client() as client:
+        client.flushall()
+        store = RedisHistoryStore(HistoryConfig(url=redis_server.url(), user_ttl_s=1))
+        store.append([with_ids(events("idle", "a"))])
+        assert 0 < client.pttl(f"{KEY_PREFIX}events:idle") <= 1_000
+        assert 0 < client.pttl(f"{KEY_PREFIX}seen:idle") <= 1_000
+        time.sleep(1.2)
+        assert store.recent("idle", 5) == []
+        assert store.append([with_ids(events("idle", "a"))]).stored == 1  # its event ids were forgotten too
+    store.close()
+
+
+def test_sqlite_version_1_files_are_migrated_without_losing_events(db_path):
+    with sqlite3.connect(db_path) as old:  # the version-1 schema and one user's events, as written then
+        old.executescript("""
+            CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
+                                 behavior TEXT NOT NULL, timestamp_s INTEGER NOT NULL);
+            CREATE UNIQUE INDEX events_exact_duplicate ON events (user_id, item_id, behavior, timestamp_s);
+            CREATE INDEX events_by_user_time ON events (user_id, timestamp_s, seq);
+            CREATE TABLE idempotency_keys (key TEXT PRIMARY KEY, payload_sha256 TEXT NOT NULL, created_s INTEGER);
+            INSERT INTO events (user_id, item_id, behavior, timestamp_s) VALUES ('u1', 'a', 'pv', 100), ('u1', 'b', '', 200);
+            PRAGMA user_version = 1;
+        """)
+    store = SQLiteHistoryStore(db_path, 5, user_ttl_s=3_600, clock=FakeClock(1_000.0))
+    assert [(e.raw_item_id, e.behavior, e.timestamp_ms) for e in store.recent("u1", 5)] == [
+        ("a", "pv", 100_000), ("b", "", 200_000)]  # kept, and counted as active from the migration on
+    assert store.append([UserEvents("u1", (Event("b", "", 200),))]).stored == 1  # no exact-duplicate rule now
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    store.close()
+    assert len(SQLiteHistoryStore(db_path, 5).recent("u1", 5)) == 3  # reopening a version-2 file changes nothing
+
+
+def test_redis_reads_members_written_before_millisecond_timestamps(redis_server):
+    with redis_server.client() as client:
+        client.flushall()
+        client.zadd(f"{KEY_PREFIX}events:old", {f"{1:016x}" + '["a","pv",100]': 100})
+    store = RedisHistoryStore(HistoryConfig(url=redis_server.url()))
+    assert [(e.raw_item_id, e.timestamp_ms, e.event_id) for e in store.recent("old", 5)] == [("a", 100_000, "")]
+    store.close()
+
+
+def test_redis_a_retried_append_script_writes_nothing_twice(redis_server, monkeypatch):
+    # redis-py re-sends the script after a lost connection; if the first run had applied, the retry must not
+    # store the events again. Same applied-marker id = the same call.
+    import uuid
+
+    with redis_server.client() as client:
+        client.flushall()
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=7))
+    store = RedisHistoryStore(HistoryConfig(url=redis_server.url()))
+    batch = [UserEvents("u1", (Event("a", "pv", 1), Event("a", "pv", 1)))]
+    assert store.append(batch).stored == 2
+    assert store.append(batch).stored == 2  # the retry reports the first run's outcome
+    assert items_of(store.recent("u1", 10)) == ["a", "a"]
+    store.close()
+
+
+def test_durability_is_reported_from_the_server_settings(db_path, new_redis_server):
+    assert SQLiteHistoryStore(db_path, 5).durability().durable is True
+    durable = new_redis_server("durable")  # appendonly yes, appendfsync always (conftest)
+    assert RedisHistoryStore(HistoryConfig(url=durable.url())).durability().durable is True
+    lax = new_redis_server("lax", "--appendfsync", "everysec")
+    report = RedisHistoryStore(HistoryConfig(url=lax.url())).durability()
+    assert report.durable is False and "appendfsync everysec" in report.reason
+    locked = new_redis_server("locked", "--rename-command", "CONFIG", "")
+    report = RedisHistoryStore(HistoryConfig(url=locked.url())).durability()
+    assert report.durable is None and "cannot read its persistence settings" in report.reason
+
+
 # Random append sequences: both backends must answer every call and every read identically.
 _event = st.builds(Event, st.sampled_from("abcd"), st.sampled_from(["pv", ""]),
-                   st.one_of(st.none(), st.integers(0, 3)))
+                   st.one_of(st.none(), st.integers(0, 3)), st.sampled_from(["", "", "e1", "e2"]))
 _user_events = st.builds(UserEvents, st.sampled_from(["u1", "u2"]), st.lists(_event, max_size=4).map(tuple))
 _call = st.tuples(st.lists(_user_events, min_size=1, max_size=3), st.one_of(st.none(), st.sampled_from(["k1", "k2"])))
 
@@ -338,7 +449,7 @@ def test_both_backends_agree_on_random_append_sequences(tmp_path_factory, redis_
                     outcomes.append(store.append(user_events, idempotency_key=idempotency_key))
                 except FailedPrecondition as error:
                     outcomes.append(str(error))
-                outcomes[-1] = (outcomes[-1], [[(e.raw_item_id, e.behavior, e.timestamp_s) for e in
+                outcomes[-1] = (outcomes[-1], [[(e.raw_item_id, e.behavior, e.timestamp_ms, e.event_id) for e in
                                                 store.recent(user, 10)] for user in ("u1", "u2")])
             assert outcomes[0] == outcomes[1]
     finally:

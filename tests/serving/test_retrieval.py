@@ -149,3 +149,36 @@ def test_stage_with_a_prior_ranks_by_inner_product_plus_prior_after_the_newest_k
     expected = np.argsort(-scores, kind="stable")[:6]
     assert list(candidates.item_ids) == [f"sku-{i}" for i in expected]
     np.testing.assert_allclose(candidates.relevance, scores[expected], rtol=1e-5)
+
+
+# Every excluded id counts, wherever it stands in the request's list (not only the first one).
+
+
+def test_excluded_indices_hold_every_known_id_of_the_list(small_artifact):
+    """Five distinct ids after an unknown one: all five are excluded, the unknown ones dropped."""
+    catalogue = Catalogue.from_artifact(small_artifact)
+    ids = ("unknown", "sku-12", "sku-3", "gone", "sku-7", "sku-1", "sku-9")
+    np.testing.assert_array_equal(excluded_indices(catalogue, ids, seen=None), [1, 3, 7, 9, 12])
+    np.testing.assert_array_equal(excluded_indices(catalogue, ids, seen=np.array([2])), [1, 2, 3, 7, 9, 12])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_stage_honours_every_excluded_id_not_only_the_first(small_artifact, seed):
+    """Exact search is the oracle: the candidates are the best items by inner product minus ALL the excluded ids.
+    The list opens with an unknown id and the lowest-scoring item, so a stage that honoured only the first entry
+    would leak the best items, which stand second and later (shuffled, with another unknown id among them)."""
+    stage = RetrievalStage(RetrievalArgs(), StubMetrics())
+    stage.models.reload({"artifact_path": str(small_artifact.path)})
+    rng = np.random.default_rng(seed)
+    user = rng.normal(size=4).astype(np.float32)
+    scores = small_artifact.item_vectors[1:].astype(np.float64) @ user
+    best_first = [int(i) + 1 for i in np.argsort(-scores, kind="stable")]
+    excluded = [int(i) for i in rng.choice(best_first[:6], size=int(rng.integers(2, 6)), replace=False)]
+    later = [f"sku-{i}" for i in excluded] + ["not-in-the-model"]
+    rng.shuffle(later)
+    exclude_ids = ("unknown", f"sku-{best_first[-1]}", *later)
+    request = RetrievalRequest(user=EncodedUser(user, "small-v1"), history=History((), ()),
+                               exclude_item_ids=exclude_ids, exclude_seen=True, num_candidates=5, k=5, diversity=0.0)
+    (candidates,) = stage.retrieve([request])
+    expected = [i for i in best_first if i not in excluded and i != best_first[-1]][:5]
+    assert list(candidates.item_ids) == [f"sku-{i}" for i in expected]

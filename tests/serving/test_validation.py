@@ -7,7 +7,6 @@ import pytest
 from seqrank.serving.errors import InvalidArgument
 from seqrank.serving.history import Event, UserEvents
 from seqrank.serving.validation import (
-    MAX_TIMESTAMP_S,
     EventBatch,
     Limits,
     validate_rank_request,
@@ -19,16 +18,18 @@ LIMITS = Limits(max_k=50, max_candidates=300, max_inline_events=5, max_exclude_i
                 max_users_per_call=2, max_id_length=16, default_k=10, default_candidates=100, default_diversity=0.25)
 ITEM_INDEX_OF = {"sku-1": 1, "sku-2": 2, "sku-3": 3}
 BEHAVIORS = ("pv", "cart", "fav", "buy")
+NOW_S = 1_800_000_000  # the server clock these tests validate against
+LATEST_S = NOW_S + Limits().max_future_s  # 300 s of clock skew allowed by default
 
 
 def rank(**fields):
     fields.setdefault("user_id", "u1")
-    return validate_rank_request(pb.RankRequest(**fields), LIMITS, ITEM_INDEX_OF, BEHAVIORS)
+    return validate_rank_request(pb.RankRequest(**fields), LIMITS, ITEM_INDEX_OF, BEHAVIORS, now_s=NOW_S)
 
 
 def record(users, key=""):
     request = pb.RecordEventsRequest(users=users, idempotency_key=key)
-    return validate_record_events_request(request, LIMITS, ITEM_INDEX_OF, BEHAVIORS)
+    return validate_record_events_request(request, LIMITS, ITEM_INDEX_OF, BEHAVIORS, now_s=NOW_S)
 
 
 def event(item="sku-1", behavior="pv", **fields):
@@ -84,7 +85,9 @@ def test_exclude_ids_become_indices_and_unknown_ones_are_ignored():
         ({"recent_events": [event(behavior="click")]}, "recent_events[0].behavior",
          "must be one of '', 'pv', 'cart', 'fav', 'buy', got 'click'"),
         ({"recent_events": [event(timestamp=-1)]}, "recent_events[0].timestamp",
-         f"must be Unix seconds in [0, {MAX_TIMESTAMP_S}], got -1"),
+         f"must be Unix seconds in [0, {LATEST_S}] (the server clock plus 300 s), got -1"),
+        ({"recent_events": [event(timestamp=LATEST_S + 1)]}, "recent_events[0].timestamp", f"got {LATEST_S + 1}"),
+        ({"recent_events": [event(event_id="e" * 17)]}, "recent_events[0].event_id", "at most 16 characters"),
         ({"recent_events": [event(timestamp=1_700_000_000_000)]}, "recent_events[0].timestamp",
          "got 1700000000000"),
         ({"exclude_item_ids": ["a", "b", "c", "d"]}, "exclude_item_ids", "between 0 and 3 entries, got 4"),
@@ -111,6 +114,22 @@ def test_record_events_builds_a_typed_batch():
     assert batch.num_events == 3
 
 
+def test_the_timestamp_bounds_themselves_are_accepted():
+    """0 and the server clock plus max_future_s are valid; one second past the latter is not (rejections above)."""
+    batch = record([pb.UserEvents(user_id="u1", events=[event(timestamp=0), event(timestamp=LATEST_S)])])
+    assert [e.timestamp_s for e in batch.users[0].events] == [0, LATEST_S]
+    assert [e.timestamp_s for e in rank(recent_events=[event(timestamp=LATEST_S)]).inline_events] == [LATEST_S]
+    strict = Limits(max_future_s=0)
+    with pytest.raises(InvalidArgument, match=r"users\[0\]\.events\[0\]\.timestamp"):
+        validate_record_events_request(pb.RecordEventsRequest(users=[pb.UserEvents(
+            user_id="u1", events=[event(timestamp=NOW_S + 1)])]), strict, ITEM_INDEX_OF, BEHAVIORS, now_s=NOW_S)
+
+
+def test_event_ids_are_carried_to_the_batch():
+    batch = record([pb.UserEvents(user_id="u1", events=[event(event_id="e-1"), event()])])
+    assert [e.event_id for e in batch.users[0].events] == ["e-1", ""]
+
+
 def test_empty_idempotency_key_means_none():
     assert record([pb.UserEvents(user_id="u1", events=[event()])]).idempotency_key is None
 
@@ -130,8 +149,10 @@ def test_empty_idempotency_key_means_none():
          "unknown item id 'sku-404'"),
         ([pb.UserEvents(user_id="u1", events=[event(behavior="PV")])], "", "users[0].events[0].behavior",
          "got 'PV'"),
-        ([pb.UserEvents(user_id="u1", events=[event(timestamp=MAX_TIMESTAMP_S + 1)])], "",
-         "users[0].events[0].timestamp", "must be Unix seconds"),
+        ([pb.UserEvents(user_id="u1", events=[event(timestamp=LATEST_S + 1)])], "",
+         "users[0].events[0].timestamp", f"must be Unix seconds in [0, {LATEST_S}]"),
+        ([pb.UserEvents(user_id="u1", events=[event(), event(event_id="x" * 17)])], "",
+         "users[0].events[1].event_id", "at most 16 characters"),
         ([pb.UserEvents(user_id="u1", events=[event()])], "k" * 17, "idempotency_key", "at most 16 characters"),
     ],
 )

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from seqrank.training.artifact import (
+    ATTRIBUTE_VALUES_FILE,
+    ATTRIBUTE_VECTORS_FILE,
     ENCODER_FILE,
     INDEX_FILE,
     ITEM_ATTRIBUTES_FILE,
@@ -31,7 +33,8 @@ from seqrank.training.transitions import TransitionPrior
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOWED_FORMATS = {ENCODER_FILE: "safetensors", ITEM_VECTORS_FILE: "npy", ITEM_ATTRIBUTES_FILE: "npy",
-                   ITEM_POPULARITY_FILE: "npy", ITEM_IDS_FILE: "json", INDEX_FILE: "hnswlib", MANIFEST_FILE: "json"}
+                   ITEM_POPULARITY_FILE: "npy", ITEM_IDS_FILE: "json", INDEX_FILE: "hnswlib", MANIFEST_FILE: "json",
+                   ATTRIBUTE_VALUES_FILE: "json", ATTRIBUTE_VECTORS_FILE: "npy"}
 PICKLE_PROTOCOL_2_PLUS = b"\x80"  # every pickle protocol >= 2 starts with PROTO 0x80
 RAN = []
 

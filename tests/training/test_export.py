@@ -59,3 +59,33 @@ def test_damaged_artifact_is_refused_naming_the_file(tmp_path, tiny_artifact, da
         fragment = "encoder.safetensors: not listed"
     with pytest.raises(ArtifactError, match=fragment):
         load_artifact(copy)
+
+
+def test_export_carries_what_places_a_new_item(tiny_run, tiny_artifact, synthetic_dataset):
+    """The trained run's attribute vocabulary and table travel with the artifact, and a new item with a trained
+    item's attributes gets that item's vector less its id embedding (training/cold_items.py)."""
+    import torch
+
+    from seqrank.training.cold_items import attributes_of_items, cold_item_vectors
+    from seqrank.training.data import attribute_vocabulary
+
+    artifact = load_artifact(tiny_artifact)
+    model = load_encoder_dir(tiny_run)
+    _, attributes_path = synthetic_dataset
+    ids = np.array(artifact.item_ids, dtype=object)
+    assert artifact.attribute_values == attribute_vocabulary(attributes_path, ids)
+    assert len(artifact.attribute_values) == model.config.num_attributes + 1
+    np.testing.assert_array_equal(artifact.attribute_vectors[0], model.attribute_embedding.weight.detach().numpy())
+    assert artifact.manifest["cold_items"] == {
+        "similarity": model.config.similarity, "max_attributes_per_item": model.config.max_attributes_per_item,
+        "num_attributes": model.config.num_attributes, "num_towers": 1, "tower_dim": model.config.hidden_size}
+    items = [1, 7, artifact.num_items]
+    raw = attributes_of_items(artifact, items)
+    raw_file = json.loads(attributes_path.read_text())
+    assert raw == [raw_file[artifact.item_ids[item]] for item in items]
+    cold = cold_item_vectors(artifact, raw)
+    with torch.no_grad():
+        index = torch.tensor(items)
+        expected = (model.item_vectors(index) - model.item_embedding(index)).numpy()
+    assert np.abs(cold.vectors - expected).max() <= 1e-5
+    assert not cold.average.any() and cold.unknown == [[], [], []]

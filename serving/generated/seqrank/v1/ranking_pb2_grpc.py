@@ -40,6 +40,11 @@ class RankingServiceStub:
                 request_serializer=seqrank_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
                 response_deserializer=seqrank_dot_v1_dot_ranking__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.RankBatch = channel.unary_unary(
+                '/seqrank.v1.RankingService/RankBatch',
+                request_serializer=seqrank_dot_v1_dot_ranking__pb2.RankBatchRequest.SerializeToString,
+                response_deserializer=seqrank_dot_v1_dot_ranking__pb2.RankBatchResponse.FromString,
+                _registered_method=True)
         self.RecordEvents = channel.unary_unary(
                 '/seqrank.v1.RankingService/RecordEvents',
                 request_serializer=seqrank_dot_v1_dot_ranking__pb2.RecordEventsRequest.SerializeToString,
@@ -50,6 +55,16 @@ class RankingServiceStub:
                 request_serializer=seqrank_dot_v1_dot_ranking__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=seqrank_dot_v1_dot_ranking__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.UpsertItems = channel.unary_unary(
+                '/seqrank.v1.RankingService/UpsertItems',
+                request_serializer=seqrank_dot_v1_dot_ranking__pb2.UpsertItemsRequest.SerializeToString,
+                response_deserializer=seqrank_dot_v1_dot_ranking__pb2.UpsertItemsResponse.FromString,
+                _registered_method=True)
+        self.SetItemAvailability = channel.unary_unary(
+                '/seqrank.v1.RankingService/SetItemAvailability',
+                request_serializer=seqrank_dot_v1_dot_ranking__pb2.SetItemAvailabilityRequest.SerializeToString,
+                response_deserializer=seqrank_dot_v1_dot_ranking__pb2.SetItemAvailabilityResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
@@ -57,7 +72,16 @@ class RankingServiceServicer:
     """
 
     def Rank(self, request, context):
-        """Top-k items for one user, re-ranked for diversity, each with the history item that supports it.
+        """Top-k items for one user, re-ranked for diversity, each with the history item that supports it. With
+        candidate_item_ids: the caller's candidates (a search result, eligible ads) ordered for this user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RankBatch(self, request, context):
+        """Many users in one call (campaigns, offline scoring): each request ranked as Rank would, results in request
+        order, each with its own status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,7 +95,23 @@ class RankingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """What the serving model is: version, sizes, index parameters, offline metrics.
+        """What the serving model is: version, sizes, index parameters, offline metrics, limits, the live catalogue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpsertItems(self, request, context):
+        """Adds items the model was not trained on (raw id + attribute values), or replaces an item's attribute values,
+        without retraining. Durable once acknowledged; the very next Rank through this replica sees it, every replica
+        within limits.catalogue_sync_ms.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetItemAvailability(self, request, context):
+        """Hides items from every list (sold out, delisted) or restores them; durable and visible like UpsertItems.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +125,11 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     request_deserializer=seqrank_dot_v1_dot_ranking__pb2.RankRequest.FromString,
                     response_serializer=seqrank_dot_v1_dot_ranking__pb2.RankResponse.SerializeToString,
             ),
+            'RankBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RankBatch,
+                    request_deserializer=seqrank_dot_v1_dot_ranking__pb2.RankBatchRequest.FromString,
+                    response_serializer=seqrank_dot_v1_dot_ranking__pb2.RankBatchResponse.SerializeToString,
+            ),
             'RecordEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordEvents,
                     request_deserializer=seqrank_dot_v1_dot_ranking__pb2.RecordEventsRequest.FromString,
@@ -94,6 +139,16 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=seqrank_dot_v1_dot_ranking__pb2.GetModelInfoRequest.FromString,
                     response_serializer=seqrank_dot_v1_dot_ranking__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'UpsertItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertItems,
+                    request_deserializer=seqrank_dot_v1_dot_ranking__pb2.UpsertItemsRequest.FromString,
+                    response_serializer=seqrank_dot_v1_dot_ranking__pb2.UpsertItemsResponse.SerializeToString,
+            ),
+            'SetItemAvailability': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetItemAvailability,
+                    request_deserializer=seqrank_dot_v1_dot_ranking__pb2.SetItemAvailabilityRequest.FromString,
+                    response_serializer=seqrank_dot_v1_dot_ranking__pb2.SetItemAvailabilityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -124,6 +179,33 @@ class RankingService:
             '/seqrank.v1.RankingService/Rank',
             seqrank_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
             seqrank_dot_v1_dot_ranking__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RankBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqrank.v1.RankingService/RankBatch',
+            seqrank_dot_v1_dot_ranking__pb2.RankBatchRequest.SerializeToString,
+            seqrank_dot_v1_dot_ranking__pb2.RankBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -178,6 +260,60 @@ class RankingService:
             '/seqrank.v1.RankingService/GetModelInfo',
             seqrank_dot_v1_dot_ranking__pb2.GetModelInfoRequest.SerializeToString,
             seqrank_dot_v1_dot_ranking__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqrank.v1.RankingService/UpsertItems',
+            seqrank_dot_v1_dot_ranking__pb2.UpsertItemsRequest.SerializeToString,
+            seqrank_dot_v1_dot_ranking__pb2.UpsertItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetItemAvailability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqrank.v1.RankingService/SetItemAvailability',
+            seqrank_dot_v1_dot_ranking__pb2.SetItemAvailabilityRequest.SerializeToString,
+            seqrank_dot_v1_dot_ranking__pb2.SetItemAvailabilityResponse.FromString,
             options,
             channel_credentials,
             insecure,
