@@ -429,6 +429,8 @@ class RankingIngress:
     async def _rank(self, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
         """One Rank: validate, history, then the fallback list or the model stages (batched with its peers)."""
         clock = StageClock(self._metrics)
+        if request.min_catalogue_version > self._live.current.version:  # validated below; a read-your-writes
+            await self._catch_up(request.min_catalogue_version)
         view = self._view()
         catalogue = view.base
         query = validate_rank_request(request, self._args.limits, view.item_index_of, catalogue.behavior_names)

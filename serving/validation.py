@@ -75,6 +75,7 @@ class RankQuery:
     unknown_candidate_ids: tuple[str, ...] = ()  # caller candidates the catalogue does not know
     include_any: tuple[str, ...] = ()  # attribute values; () = no restriction
     exclude_any: tuple[str, ...] = ()
+    min_catalogue_version: int = 0  # the live catalogue version the answer must include
 
     @property
     def filtered(self) -> bool:
@@ -208,7 +209,14 @@ def validate_rank_request(
         unknown_candidate_ids=unknown,
         include_any=include_any,
         exclude_any=exclude_any,
+        min_catalogue_version=_check_version("min_catalogue_version", request.min_catalogue_version),
     )
+
+
+def _check_version(field: str, version: int) -> int:
+    if version < 0:
+        raise InvalidArgument(field, f"must be >= 0, got {version}")
+    return version
 
 
 def _check_values(field: str, values: Sequence[str], limits: Limits) -> tuple[str, ...]:

@@ -21,6 +21,45 @@ def add_bench_commands(sub) -> None:
     serve.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     serve.set_defaults(func=cmd_bench_serve)
 
+    catalogue = bench.add_parser("catalogue", help="live catalogue freshness across two ingress replicas, and "
+                                                   "RankBatch against single Rank calls (users per second)")
+    catalogue.add_argument("--artifact", default=None, help="artifact directory (default: train a tiny model)")
+    catalogue.add_argument("--config", default=None, help="Serve config YAML (default: serving/serve_config.yaml)")
+    catalogue.add_argument("--changes", type=int, default=100, help="hide/restore changes timed (default: %(default)s)")
+    catalogue.add_argument("--users", type=int, default=400, help="users ranked both ways (default: %(default)s)")
+    catalogue.add_argument("--batch-size", type=int, default=100, help="requests per RankBatch (default: %(default)s)")
+    catalogue.add_argument("--concurrency", type=int, default=16, help="single Rank clients (default: %(default)s)")
+    catalogue.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    catalogue.set_defaults(func=cmd_bench_catalogue)
+
+    search = bench.add_parser("search", help="personalised search on a real log: each test user's candidates are "
+                                             "the items of its target's first attribute value; the service's "
+                                             "re-ranking against most popular and the given order")
+    search.add_argument("--artifact", required=True, help="artifact trained on --data")
+    search.add_argument("--data", required=True, help="the log the artifact was trained on")
+    search.add_argument("--attributes", required=True, help="the item attribute file (JSON {item: [values]})")
+    search.add_argument("--max-users", type=int, default=0, help="a random subset of test users (default: all)")
+    search.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    search.set_defaults(func=cmd_bench_search)
+
+    new_items = bench.add_parser("new-items", help="items the model never trained on, upserted with their "
+                                                   "attributes: prepare the log without them, then rank")
+    steps = new_items.add_subparsers(dest="new_items_step", required=True)
+    prepare = steps.add_parser("prepare", help="choose the new items and write the log without their events")
+    prepare.add_argument("--data", required=True, help="an S3-Rec `user item item ...` log (e.g. Beauty.txt)")
+    prepare.add_argument("--out", required=True, help="folder for the log without them and new_items.json")
+    prepare.add_argument("--fraction", type=float, default=0.1, help="share of items made new (default: %(default)s)")
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.set_defaults(func=cmd_bench_new_items_prepare)
+    run = steps.add_parser("run", help="rank every test user against trained + upserted items")
+    run.add_argument("--artifact-without", required=True, help="trained on the prepared log")
+    run.add_argument("--artifact-with", required=True, help="trained on the whole log (the upper bound)")
+    run.add_argument("--data", required=True, help="the whole log")
+    run.add_argument("--attributes", required=True, help="the item attribute file")
+    run.add_argument("--new-items", required=True, help="new_items.json from prepare")
+    run.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    run.set_defaults(func=cmd_bench_new_items_run)
+
     ann = bench.add_parser("ann", help="HNSW (hnswlib, Faiss) against exact inner-product search: recall@10/100, "
                                        "queries/s on one thread, build time, index memory; table, JSON and PNG")
     ann.add_argument("--artifact", default=None, help="use the artifact's trained item vectors (queries: its "
@@ -188,6 +227,45 @@ def cmd_bench_mmr(args) -> int:
 
     report = bench_mmr(args.candidates, args.k, args.dim, args.diversity, args.repeats)
     print(format_mmr(report))
+    write_json_report(args.json, report)
+    return 0
+
+
+def cmd_bench_catalogue(args) -> int:
+    from seqrank.serving.bench.catalogue import bench_catalogue, format_catalogue
+    from seqrank.serving.config import SERVE_CONFIG_PATH
+    from seqrank.serving.ops.deploy import read_serve_config
+
+    report = bench_catalogue(read_serve_config(args.config or SERVE_CONFIG_PATH), args.artifact, args.changes,
+                             args.users, args.batch_size, args.concurrency)
+    print(format_catalogue(report))
+    write_json_report(args.json, report)
+    return 0
+
+
+def cmd_bench_search(args) -> int:
+    from seqrank.serving.bench.search import bench_search, format_search
+
+    report = bench_search(args.artifact, args.data, args.attributes, max_users=args.max_users)
+    print(format_search(report))
+    write_json_report(args.json, report)
+    return 0
+
+
+def cmd_bench_new_items_prepare(args) -> int:
+    from seqrank.serving.bench.new_items import prepare
+
+    summary = prepare(args.data, args.out, args.fraction, args.seed)
+    print(f"{summary['new_items']} of {summary['items']} items are new; {summary['events_dropped']} events dropped; "
+          f"train on {summary['log']}")
+    return 0
+
+
+def cmd_bench_new_items_run(args) -> int:
+    from seqrank.serving.bench.new_items import format_new_items, run
+
+    report = run(args.artifact_without, args.artifact_with, args.data, args.attributes, args.new_items)
+    print(format_new_items(report))
     write_json_report(args.json, report)
     return 0
 

@@ -102,12 +102,13 @@ def rank_request(
     candidate_item_ids: Sequence[str] = (),
     include_any: Sequence[str] = (),
     exclude_any: Sequence[str] = (),
+    min_catalogue_version: int = 0,
 ) -> ranking_pb2.RankRequest:
     """A RankRequest; unset knobs (None) stay unset, so the server's defaults apply."""
     request = ranking_pb2.RankRequest(
         user_id=user_id, exclude_item_ids=list(exclude_item_ids), request_id=request_id,
         recent_events=[event_message(event) for event in recent_events],
-        candidate_item_ids=list(candidate_item_ids),
+        candidate_item_ids=list(candidate_item_ids), min_catalogue_version=min_catalogue_version,
     )
     if include_any or exclude_any:
         request.filter.include_any.extend(include_any)
@@ -167,6 +168,7 @@ class RankingClient:
         candidate_item_ids: Sequence[str] = (),
         include_any: Sequence[str] = (),
         exclude_any: Sequence[str] = (),
+        min_catalogue_version: int = 0,
     ) -> ranking_pb2.RankResponse:
         """Unset knobs (None) take the server's defaults. `candidate_item_ids`: rank these (search re-ranking)
         instead of retrieving; `include_any` / `exclude_any`: attribute values the items must / must not have."""
@@ -174,7 +176,7 @@ class RankingClient:
                                exclude_item_ids=exclude_item_ids, exclude_seen=exclude_seen,
                                recent_events=recent_events, request_id=request_id,
                                candidate_item_ids=candidate_item_ids, include_any=include_any,
-                               exclude_any=exclude_any)
+                               exclude_any=exclude_any, min_catalogue_version=min_catalogue_version)
         return self.send_rank(request)
 
     def rank_batch(self, requests: Sequence[ranking_pb2.RankRequest]) -> ranking_pb2.RankBatchResponse:

@@ -82,3 +82,34 @@ def test_mmr_bench_reports_each_diversity():
     for row in report["rows"]:
         for clock in ("wall", "cpu"):
             assert 0 < row[f"{clock}_median_ms"] <= row[f"{clock}_p99_ms"] <= row[f"{clock}_max_ms"]
+
+
+def test_search_bench_ranks_the_targets_category_three_ways(tiny_artifact, synthetic_dataset):
+    """On the synthetic log (strongly sequential) the service's re-ranking of a category beats its given order."""
+    from seqrank.serving.bench.search import bench_search
+
+    events, attributes = synthetic_dataset
+    report = bench_search(tiny_artifact, events, attributes, diversities=(0.0,), max_users=120)
+    rows = {row["ranking"]: row for row in report["rows"]}
+    assert set(rows) == {"service re-ranking (diversity 0)", "most popular within the candidates",
+                         "the candidates' given order"}
+    assert all(0.0 <= row["NDCG@10"] <= row["HR@10"] <= 1.0 for row in rows.values())
+    assert rows["service re-ranking (diversity 0)"]["NDCG@10"] > rows["the candidates' given order"]["NDCG@10"]
+    assert report["candidates_max"] <= 2000  # the request limit the service enforces
+
+
+def test_new_items_prepare_drops_every_event_of_the_chosen_items_and_nothing_else(tmp_path):
+    import json
+
+    from seqrank.serving.bench.new_items import NEW_ITEMS_FILE, prepare
+
+    log = tmp_path / "log.txt"
+    log.write_text("1 10 11 12 13\n2 11 14 15\n3 16 17 10\n4 12 12 18\n")
+    summary = prepare(log, tmp_path / "out", fraction=0.3, seed=1)
+    chosen = set(json.loads((tmp_path / "out" / NEW_ITEMS_FILE).read_text())["new_items"])
+    assert len(chosen) == round(0.3 * 9) == summary["new_items"]
+    before = [line.split() for line in log.read_text().splitlines()]
+    after = {line.split()[0]: line.split()[1:] for line in (tmp_path / "out" / "log.txt").read_text().splitlines()}
+    for user, *items in before:  # order kept, exactly the chosen items gone
+        assert after.get(user, []) == [item for item in items if item not in chosen]
+    assert summary["events_dropped"] == sum(item in chosen for _, *items in before for item in items)
