@@ -364,7 +364,7 @@ class RankingIngress:
                                     args.history.max_concurrent_calls)
         self._live = LiveItemsSync(self._store.store.items_since, args.history.catalogue_sync_ms / 1000.0,
                                    "ingress")
-        self._live.start(wait_s=args.history.call_timeout_s)
+        self._live.start(wait_s=args.history.busy_timeout_s)
         self._views = ViewCache()
         self._local_retrieval: RetrievalStage | None = None  # this replica's index, when retrieval runs here
         if retrieval is None:

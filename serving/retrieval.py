@@ -39,7 +39,7 @@ from seqrank.serving.reload import ModelSlot
 from seqrank.serving.rerank import rerank
 from seqrank.serving.shards import RemoteShards
 from seqrank.training.artifact import Artifact, ItemIndex
-from seqrank.training.cold_items import cold_item_vectors
+from seqrank.training.cold_items import placed_item_vectors
 from seqrank.training.transitions import TransitionPrior
 
 
@@ -170,7 +170,7 @@ def build_live_index(loaded: LoadedIndex, view: CatalogueView, live: LiveItems) 
     if not len(view.new_items):
         return LiveIndex(loaded, view, loaded.item_vectors)
     attributes = [live.attributes[raw] for raw in view.new_items]
-    new_vectors = cold_item_vectors(loaded.artifact, attributes).vectors.astype(np.float32, copy=False)
+    new_vectors = placed_item_vectors(loaded.artifact, attributes).vectors.astype(np.float32, copy=False)
     return LiveIndex(loaded, view, np.concatenate([loaded.item_vectors, new_vectors]))
 
 
@@ -402,7 +402,7 @@ class Retrieval:
         # catches up at once when a request names a newer version than it holds.
         self._store = open_history_store(resolve_history_url(history, os.environ))
         live = LiveItemsSync(self._store.items_since, history.catalogue_sync_ms / 1000.0, "retrieval")
-        live.start(wait_s=history.call_timeout_s)
+        live.start(wait_s=history.busy_timeout_s)
         self._stage = RetrievalStage(args, ServingMetrics(), shards=RemoteShards(shards) if shards else None,
                                      live=live)
         self._search_batch.set_max_batch_size(args.max_batch_size)

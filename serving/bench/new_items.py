@@ -114,6 +114,7 @@ def run(artifact_without: str | Path, artifact_with: str | Path, data_path: str 
     rows = [line.split() for line in Path(data_path).read_text().split("\n") if line.strip()]
     users = [(row[1:-1], row[-1]) for row in rows if len(row) >= 4]  # history before the test item, the test item
     models = {}
+    plain_stage = None  # the model without the new items, before they are upserted: what upserting costs the rest
     for name, path, upserts in (("without", artifact_without, {raw: attributes.get(raw, []) for raw in new}),
                                 ("with", artifact_with, None)):
         artifact = load_artifact(path)
@@ -122,11 +123,13 @@ def run(artifact_without: str | Path, artifact_with: str | Path, data_path: str 
             raise ValueError(f"--artifact-{name}: {len(missing)} new items {'missing from' if name == 'with' else 'trained in'} it")
         models[name] = (artifact, load_encoder(artifact.encoder_config, artifact.encoder_weights_path),
                         _stage(artifact, upserts))
+        if name == "without":
+            plain_stage = _stage(artifact, None)
     everything = [raw for raw in models["with"][0].item_ids[1:]]
     popularity_rank = _popularity_order(models["without"][0], new)
     rng = np.random.default_rng(seed)
     tallies = {key: Tally() for key in ("new/upserted", "new/popular", "new/random", "new/with-events",
-                                        "old/without", "old/with")}
+                                        "old/without-before", "old/without", "old/with")}
     for start in tqdm(range(0, len(users), ENCODE_BATCH), desc="users", unit="batch"):
         batch = users[start:start + ENCODE_BATCH]
         vectors, known = {}, {}
@@ -148,13 +151,19 @@ def run(artifact_without: str | Path, artifact_with: str | Path, data_path: str 
                     listed = [raw for raw in popularity_rank if raw not in seen][:K]
                 key = ("new/upserted" if name == "without" else "new/with-events") if is_new else f"old/{name}"
                 tallies[key].add(listed, target)
+                if name == "without" and not is_new:
+                    before = (_ranked(plain_stage, artifact, vectors[name][row], history, len(everything))
+                              if known[name][row] else listed)
+                    tallies["old/without-before"].add(before, target)
             if is_new:
                 tallies["new/popular"].add([raw for raw in popularity_rank if raw not in seen][:K], target)
                 pool = [raw for raw in everything if raw not in seen]
                 tallies["new/random"].add(list(rng.choice(pool, size=K, replace=False)), target)
     names = {"new/upserted": "new items: upserted attribute vectors", "new/popular": "new items: most popular",
              "new/random": "new items: random", "new/with-events": "new items: trained with their events (bound)",
-             "old/without": "other users: model without the new items", "old/with": "other users: model with them"}
+             "old/without-before": "other users: model without them, before the upserts",
+             "old/without": "other users: model without them, after the upserts",
+             "old/with": "other users: model trained with them"}
     return {"new_items": len(new), "users": len(users), "rows": [tallies[key].row(names[key]) for key in names]}
 
 

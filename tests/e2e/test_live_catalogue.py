@@ -4,7 +4,7 @@ own ("seqrank-catalogue": the same code and artifact, two ingress replicas, its 
 
 References are computed here from the training code alone: the user vector from the run's checkpoint
 (`trained_user_vector`), every item's inner product with it, the artifact's attribute values per item; an
-upserted item's vector from `training/cold_items.py` (itself held to the torch model in tests/training).
+upserted item's vector from `training/cold_items.py` (its direction held to the torch model in tests/training).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from seqrank.serving.client.retry import NO_RETRY
 from seqrank.serving.ops.deploy import submit, wait_until_running
 from seqrank.serving.ops.serve_config_check import application
 from seqrank.training.artifact import load_artifact
-from seqrank.training.cold_items import cold_item_vectors
+from seqrank.training.cold_items import placed_item_vectors
 from seqrank.v1 import ranking_pb2 as pb
 from tests.e2e.conftest import DEPLOY_TIMEOUT_S
 from tests.e2e.helpers import random_history, trained_user_vector
@@ -142,7 +142,7 @@ def test_an_upserted_item_is_retrievable_on_the_next_rank_of_either_replica(shop
         response = shop.rank("u-fresh", recent_events=events, include_any=["only-in-this-test"], k=5,
                              min_catalogue_version=write.catalogue_version)
         assert ranked(response) == ["fresh-1"]
-    expected = float(cold_item_vectors(artifact, [attributes]).vectors[0] @ vector)
+    expected = float(placed_item_vectors(artifact, [attributes]).vectors[0] @ vector)
     assert response.items[0].relevance == pytest.approx(expected, rel=1e-4, abs=1e-4)
     again = shop.upsert_items({"fresh-1": attributes[:2]})  # new values for a known item: an update
     assert (again.created, again.updated) == (0, 1)
@@ -182,7 +182,9 @@ def test_the_catalogue_survives_a_restart_of_the_application(service, shop, cata
     while APP in applications_running(service) and time.monotonic() < deadline:
         time.sleep(0.5)
     deploy(service, catalogue_app)  # new replicas: everything they know comes from the store
-    after = shop.model_info().catalogue
+    deadline = time.monotonic() + 30  # a replica that could not read the store within its start budget polls
+    while (after := shop.model_info().catalogue).version < hidden.catalogue_version and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert (after.upserted, after.hidden) == (before.upserted, before.hidden)
     assert after.version >= hidden.catalogue_version > write.catalogue_version
     restored = shop.set_item_availability(["durable-1"], available=True)

@@ -2,8 +2,8 @@
 
 Supported: `resources` (files and directories), `configMapGenerator` (files or literals, labels, annotations,
 disableNameSuffixHash), `patches` (a file with a whole object: JSON merge patch semantics, which is what kustomize
-applies to custom resources it has no schema for, so lists are replaced whole; or `target` + JSON 6902
-test/add/remove/replace), `images`, and `replacements` (a source field copied into target fields selected by kind and
+applies to custom resources it has no schema for, so lists are replaced whole; `$patch: delete` removes the object;
+or `target` + JSON 6902 test/add/remove/replace), `images` (newName, newTag or digest), and `replacements` (a source field copied into target fields selected by kind and
 name; `*` over list items, which skips items without the field; options create, delimiter + index). Objects
 annotated `config.kubernetes.io/local-config: "true"` are inputs only: visible to overlays, left out of the output.
 Anything else raises, so a kustomization cannot silently use a feature this renderer ignores.
@@ -89,6 +89,11 @@ def _apply_patch(directory: Path, patch: dict, objects: list[dict]) -> None:
     targets = [obj for obj in objects if _matches(obj, selector)]
     if len(targets) != 1:
         raise ValueError(f"{directory}/{patch['path']}: {selector} matches {len(targets)} objects, not 1")
+    if content.get("$patch") == "delete":
+        objects.remove(targets[0])
+        return
+    if "$patch" in content:
+        raise NotImplementedError(f"{directory}/{patch['path']}: only `$patch: delete`")
     merged = _merge_patch(targets[0], content)
     targets[0].clear()
     targets[0].update(merged)
@@ -229,7 +234,11 @@ def _set_image(node: Any, image: dict) -> None:
             for container in value:
                 name, tag = _split_image(container.get("image", ""))
                 if name == image["name"]:
-                    container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
+                    if set(image) - {"name", "newName", "newTag", "digest"} or {"newTag", "digest"} <= set(image):
+                        raise NotImplementedError(f"images entry {image}: name, newName and newTag or digest")
+                    new_name = image.get("newName", name)
+                    container["image"] = (f"{new_name}@{image['digest']}" if "digest" in image
+                                          else f"{new_name}:{image.get('newTag', tag)}")
         _set_image(value, image)
 
 

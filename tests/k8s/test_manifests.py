@@ -27,17 +27,22 @@ EXPECTED_OBJECTS = {
     "base": {
         ("RayService", "seqrank"), ("PodMonitor", "seqrank-ray"), ("PrometheusRule", "seqrank-slo"),
         ("ConfigMap", "seqrank-grafana-dashboard"),
+        ("NetworkPolicy", "seqrank-ray-default-deny"), ("NetworkPolicy", "seqrank-ray-allow"),
+        ("NetworkPolicy", "seqrank-ray-head-allow"),
+        ("PodDisruptionBudget", "seqrank-ray-cpu"), ("PodDisruptionBudget", "seqrank-ray-gpu"),
+        ("Service", "seqrank-serve-grpc-headless"),
     },
 }
 EXPECTED_OBJECTS["overlays/prod-gpu"] = EXPECTED_OBJECTS["base"]
-EXPECTED_OBJECTS["overlays/dev-cpu"] = EXPECTED_OBJECTS["base"] | {
+EXPECTED_OBJECTS["overlays/dev-cpu"] = EXPECTED_OBJECTS["base"] - {("PodDisruptionBudget", "seqrank-ray-gpu")} | {
     ("Service", "seqrank-redis"), ("StatefulSet", "seqrank-redis"), ("Secret", "seqrank-history"),
+    ("Service", "seqrank-gcs-redis"), ("StatefulSet", "seqrank-gcs-redis"), ("Secret", "seqrank-gcs-redis"),
     ("PersistentVolumeClaim", "seqrank-artifacts"), ("Pod", "seqrank-artifact-loader"),
 }
 API_VERSIONS = {
     "RayService": "ray.io/v1", "PodMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1",
     "ConfigMap": "v1", "Secret": "v1", "Service": "v1", "PersistentVolumeClaim": "v1", "Pod": "v1",
-    "StatefulSet": "apps/v1",
+    "StatefulSet": "apps/v1", "NetworkPolicy": "networking.k8s.io/v1", "PodDisruptionBudget": "policy/v1",
 }
 # Ray's own series the dashboard and alerts query, as exported by ray 2.60.0 (ray/serve/_private/
 # request_ingress_metrics.py, deployment_state.py; ray/dashboard/modules/metrics/dashboards/default_dashboard_panels.py).
@@ -50,6 +55,7 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Created outside the repository in production (k8s/README.md); dev creates them itself.
 PROD_EXTERNAL_REFERENCES = {("Secret", "seqrank-history"), ("Secret", "seqrank-tokens"),
                             ("PersistentVolumeClaim", "seqrank-artifacts")}
+# Referenced by the RayService itself (gcsFaultToleranceOptions), not by a container: test_hardening.py checks it.
 
 
 def ray_groups(rayservice: dict) -> dict[str, dict]:
@@ -145,7 +151,7 @@ def test_core_objects_validate_against_the_core_schemas_embedded_in_the_crd(rend
 
 
 def test_core_schema_check_rejects_a_misspelled_container_field(rendered, core_validators):
-    statefulset = copy.deepcopy(only(rendered["overlays/dev-cpu"], "StatefulSet"))
+    statefulset = copy.deepcopy(only(rendered["overlays/dev-cpu"], "StatefulSet", "seqrank-redis"))
     statefulset["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     errors = validation_errors(core_validators["pod_template"], statefulset["spec"]["template"])
     assert len(errors) == 1 and "'readinesProbe' was unexpected" in errors[0]

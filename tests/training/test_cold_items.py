@@ -370,3 +370,25 @@ def test_a_cold_items_entry_that_disagrees_is_refused(artifact_copy, tamper):
     resign(artifact_copy, edit)
     with pytest.raises(ArtifactError, match=re.escape(message)):
         load_artifact(artifact_copy)
+
+
+def test_placed_vectors_keep_the_direction_and_borrow_the_carriers_length(tiny_artifact):
+    """Dot-product similarity: the cold vector's direction, the mean length of the trained items carrying its
+    values (each (value, item) pair once), counted here with plain loops over the artifact's files."""
+    from seqrank.training.artifact import load_artifact
+    from seqrank.training.cold_items import cold_item_vectors, placed_item_vectors
+
+    artifact = load_artifact(tiny_artifact)
+    assert artifact.encoder_config.get("similarity", "dot") == "dot"
+    values = ["cat-002", "brand-0007", "never-seen"]
+    lengths = []
+    for index in range(1, artifact.num_items + 1):
+        for code in artifact.item_attributes[index]:
+            if code and artifact.attribute_values[code] in values:
+                lengths.append(float(np.linalg.norm(artifact.item_vectors[index].astype(np.float64))))
+    placed = placed_item_vectors(artifact, [values]).vectors[0].astype(np.float64)
+    cold = cold_item_vectors(artifact, [values]).vectors[0].astype(np.float64)
+    assert np.linalg.norm(placed) == pytest.approx(np.mean(lengths), rel=1e-5)
+    assert placed @ cold / (np.linalg.norm(placed) * np.linalg.norm(cold)) == pytest.approx(1.0, abs=1e-6)
+    average = placed_item_vectors(artifact, [["never-seen"]])  # no known value: the average item, as before
+    np.testing.assert_allclose(average.vectors[0], cold_item_vectors(artifact, [["never-seen"]]).vectors[0])
