@@ -34,6 +34,7 @@ from seqrank.serving.catalogue import Catalogue, History
 from seqrank.serving.config import EncoderArgs, IngressArgs, RetrievalArgs
 from seqrank.serving.errors import (
     INTERNAL_ERROR_DETAILS,
+    InvalidArgument,
     NotFound,
     RpcHooks,
     ServingError,
@@ -76,6 +77,7 @@ from seqrank.serving.metrics import (
 from seqrank.serving.reload import ModelSlot, VersionUnavailable
 from seqrank.serving.retrieval import RetrievalStage, fetch_size, rerank_all
 from seqrank.serving.validation import (
+    UNKNOWN_ITEM_REASON,
     Limits,
     RankQuery,
     validate_rank_batch_request,
@@ -408,6 +410,22 @@ class RankingIngress:
         """The current model version through the live catalogue as this replica knows it."""
         return self._views.view(self._catalogues.current, self._live.current)
 
+    async def _refresh(self) -> None:
+        """Reads the catalogue changes this replica has not polled yet (another replica may just have taken one)."""
+        states, latest = await self._store.items_since(self._live.current.version)
+        self._live.apply(states, latest)
+
+    async def _with_fresh_catalogue(self, validate: Callable[[CatalogueView], T]) -> T:
+        """`validate(view)`, once more after reading the store when it names an item this replica does not know:
+        an item upserted through another replica a moment ago is known to the store before this replica polls."""
+        try:
+            return validate(self._view())
+        except InvalidArgument as error:
+            if not error.reason.startswith(UNKNOWN_ITEM_REASON):
+                raise
+        await self._refresh()
+        return validate(self._view())
+
     async def _catch_up(self, version: int) -> None:
         """This replica's live catalogue at `version` or later (read-your-writes after a catalogue write)."""
         held = self._live.current
@@ -469,7 +487,8 @@ class RankingIngress:
 
     @rpc_method(ranking_pb2.SetItemAvailabilityRequest, ranking_pb2.SetItemAvailabilityResponse)
     async def SetItemAvailability(self, request: ranking_pb2.SetItemAvailabilityRequest, grpc_context):
-        change = validate_set_item_availability_request(request, self._args.limits, self._view().item_index_of)
+        change = await self._with_fresh_catalogue(lambda view: validate_set_item_availability_request(
+            request, self._args.limits, view.item_index_of))
         write = await self._store.write_items([ItemChange(raw, available=change.available) for raw in change.item_ids],
                                               change.idempotency_key)
         await self._catch_up(write.version)
@@ -480,10 +499,8 @@ class RankingIngress:
 
     @rpc_method(ranking_pb2.RecordEventsRequest, ranking_pb2.RecordEventsResponse)
     async def RecordEvents(self, request: ranking_pb2.RecordEventsRequest, grpc_context):
-        view = self._view()
-        batch = validate_record_events_request(
-            request, self._args.limits, view.item_index_of, view.base.behavior_names
-        )
+        batch = await self._with_fresh_catalogue(lambda view: validate_record_events_request(
+            request, self._args.limits, view.item_index_of, view.base.behavior_names))
         result = await self._store.append(batch.users, batch.idempotency_key)  # durable once it returns
         return ranking_pb2.RecordEventsResponse(
             accepted=result.accepted, stored=result.stored, duplicates_ignored=result.duplicates_ignored,

@@ -94,6 +94,9 @@ class EventBatch:
         return sum(len(user.events) for user in self.users)
 
 
+UNKNOWN_ITEM_REASON = "unknown item id"  # how a message about an item the catalogue does not hold begins
+
+
 def _check_range(field: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:  # false for NaN too
         raise InvalidArgument(field, f"must be in [{low}, {high}], got {value}")
@@ -121,7 +124,7 @@ def _check_event(
 ) -> Event:
     _check_id(f"{field}.item_id", event.item_id, limits)
     if event.item_id not in item_index_of:
-        raise InvalidArgument(f"{field}.item_id", f"unknown item id {shown(event.item_id)} (not in the serving model)")
+        raise InvalidArgument(f"{field}.item_id", f"{UNKNOWN_ITEM_REASON} {shown(event.item_id)} (not in the catalogue)")
     if event.behavior != UNSPECIFIED_BEHAVIOR and event.behavior not in behavior_names:
         allowed = ", ".join(repr(name) for name in (UNSPECIFIED_BEHAVIOR, *behavior_names))
         raise InvalidArgument(f"{field}.behavior", f"must be one of {allowed}, got {shown(event.behavior)}")
@@ -274,8 +277,8 @@ def validate_set_item_availability_request(
     _check_id("idempotency_key", request.idempotency_key, limits, required=False)
     for i, raw_item_id in enumerate(request.item_ids):
         if raw_item_id not in item_index_of:
-            raise InvalidArgument(f"item_ids[{i}]", f"unknown item id {shown(raw_item_id)} (not in the catalogue; "
-                                                    "add it with UpsertItems first)")
+            raise InvalidArgument(f"item_ids[{i}]", f"{UNKNOWN_ITEM_REASON} {shown(raw_item_id)} (not in the "
+                                                    "catalogue; add it with UpsertItems first)")
     return AvailabilityChange(tuple(request.item_ids), request.available, request.idempotency_key or None)
 
 

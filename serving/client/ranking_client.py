@@ -337,30 +337,11 @@ class RankingClient:
         for held in channels:
             held.channel.close()
 
-    def rank(
-        self,
-        user_id: str,
-        *,
-        k: int | None = None,
-        diversity: float | None = None,
-        candidate_pool_size: int | None = None,
-        exclude_item_ids: Sequence[str] = (),
-        exclude_seen: bool | None = None,
-        recent_events: Sequence[Event] = (),
-        request_id: str = "",
-        candidate_item_ids: Sequence[str] = (),
-        include_any: Sequence[str] = (),
-        exclude_any: Sequence[str] = (),
-        min_catalogue_version: int = 0,
-    ) -> ranking_pb2.RankResponse:
-        """Unset knobs (None) take the server's defaults. `candidate_item_ids`: rank these (search re-ranking)
-        instead of retrieving; `include_any` / `exclude_any`: attribute values the items must / must not have."""
-        request = rank_request(user_id, k=k, diversity=diversity, candidate_pool_size=candidate_pool_size,
-                               exclude_item_ids=exclude_item_ids, exclude_seen=exclude_seen,
-                               recent_events=recent_events, request_id=request_id,
-                               candidate_item_ids=candidate_item_ids, include_any=include_any,
-                               exclude_any=exclude_any, min_catalogue_version=min_catalogue_version)
-        return self.send_rank(request)
+    def rank(self, user_id: str, **options) -> ranking_pb2.RankResponse:
+        """`rank_request(user_id, **options)` sent with this client's retries: unset knobs take the server's
+        defaults; `candidate_item_ids` ranks these (search re-ranking) instead of retrieving; `include_any` /
+        `exclude_any` are attribute values the items must / must not have."""
+        return self.send_rank(rank_request(user_id, **options))
 
     def rank_batch(self, requests: Sequence[ranking_pb2.RankRequest]) -> ranking_pb2.RankBatchResponse:
         """Many users in one call (build each with `rank_request`); each result carries its own status."""
