@@ -42,6 +42,22 @@ def _attribute_values(artifact: Artifact) -> tuple[str, ...] | None:
     return tuple(values) if values is not None else None
 
 
+def _items_with_value(values: tuple[str, ...] | None, item_attributes: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Attribute value -> sorted indices of the trained items carrying it, one sort over (code, item) pairs."""
+    if values is None or item_attributes is None:
+        return {}
+    codes = item_attributes[PAD_INDEX + 1:]  # (I, S)
+    items = np.repeat(np.arange(PAD_INDEX + 1, len(item_attributes), dtype=np.int64), codes.shape[1])
+    codes = codes.ravel()
+    real = codes > 0
+    codes, items = codes[real], items[real]
+    order = np.lexsort((items, codes))
+    codes, items = codes[order], items[order]
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, np.int64)
+    return {values[codes[start]]: np.unique(group)
+            for start, group in zip(starts, np.split(items, starts[1:]))}
+
+
 @dataclass(frozen=True)
 class Catalogue:
     model_version: str
@@ -56,7 +72,9 @@ class Catalogue:
     # the artifact has no attributes (filters then match upserted items only).
     attribute_values: tuple[str, ...] | None = field(default=None, repr=False)
     item_attributes: np.ndarray | None = field(default=None, repr=False)  # (I+1, A) int
-    _values_by_index: list = field(default_factory=list, repr=False, compare=False)  # lazily filled cache
+    # Attribute value -> the trained items carrying it (sorted indices): what filters look up, built once here
+    # (at reload) so a request never walks the catalogue.
+    items_with_value: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_artifact(cls, artifact: Artifact) -> Catalogue:
@@ -80,16 +98,16 @@ class Catalogue:
             item_attributes=artifact.item_attributes,
         )
 
-    def trained_values_by_index(self) -> list[tuple[str, ...]]:
-        """Each trained item's raw attribute values (index 0 = PAD: none), built once per catalogue."""
-        if not self._values_by_index:
-            if self.attribute_values is None or self.item_attributes is None:
-                values = [()] * len(self.item_ids)
-            else:
-                names = self.attribute_values
-                values = [tuple(names[code] for code in row if code > 0) for row in self.item_attributes]
-            self._values_by_index.extend(values)
-        return self._values_by_index
+    def __post_init__(self) -> None:
+        if not self.items_with_value:
+            object.__setattr__(self, "items_with_value", _items_with_value(self.attribute_values,
+                                                                          self.item_attributes))
+
+    def values_of(self, item_index: int) -> tuple[str, ...]:
+        """A trained item's raw attribute values; () without attributes."""
+        if self.attribute_values is None or self.item_attributes is None:
+            return ()
+        return tuple(self.attribute_values[code] for code in self.item_attributes[item_index] if code > 0)
 
     @property
     def num_items(self) -> int:

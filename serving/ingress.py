@@ -87,6 +87,7 @@ from seqrank.serving.validation import (
     validate_upsert_items_request,
 )
 from seqrank.training.metrics import TRAINING_SUMMARY_KEYS, is_evaluation_metric
+from seqrank.training.vocab import PAD_INDEX
 from seqrank.v1 import ranking_pb2
 
 if TYPE_CHECKING:  # imported at run time only by an ingress that encodes (torch)
@@ -184,29 +185,34 @@ def choose_source(history: History, source: int, catalogue: Catalogue, cold_star
 def fallback_list(view: CatalogueView, query: RankQuery) -> RankedList:
     """The cold-start list: the most popular allowed items (the caller's candidates when given) minus the
     exclusions. Not personalised, so not scored by the model: relevance and score are the item's share of the
-    training events, in [0, 1], as the proto says (upserted items the model never trained on: 0)."""
+    training events, in [0, 1], as the proto says (upserted items the model never trained on: 0). Only an attribute
+    filter costs a pass over the catalogue; otherwise just the items looked at are checked."""
     base = view.base
-    allowed = view.allowed(query.include_any, query.exclude_any)
-    allowed[list(query.exclude_item_indices)] = False
-    popularity = np.zeros(len(view.item_ids))
-    popularity[: base.num_items + 1] = base.item_popularity
+    filtered = view.allowed(query.include_any, query.exclude_any) if query.filtered else None
+    excluded = np.fromiter(query.exclude_item_indices, dtype=np.int64, count=len(query.exclude_item_indices))
+
+    def allowed(indices: np.ndarray) -> np.ndarray:
+        keep = ~view.hidden[indices] & ~np.isin(indices, excluded)
+        return indices[keep & filtered[indices]] if filtered is not None else indices[keep]
+
+    def popularity(indices: np.ndarray) -> np.ndarray:
+        trained = indices <= base.num_items
+        return np.where(trained, base.item_popularity[np.where(trained, indices, PAD_INDEX)], 0.0)
+
+    def most_popular_first(indices: np.ndarray) -> np.ndarray:
+        return indices[np.argsort(-popularity(indices), kind="stable")]  # ties: the given order
+
     if query.candidate_item_ids:
-        pool = view.indices(query.candidate_item_ids)
-        pool = pool[allowed[pool]]
-        pool = pool[np.argsort(-popularity[pool], kind="stable")][: query.k]  # ties: the caller's order
+        pool = most_popular_first(allowed(view.indices(query.candidate_item_ids)))
     else:
-        fetched = base.popular_items[: fetch_size(query.k, view.num_items - int(allowed.sum()), base.num_items)]
-        pool = fetched[allowed[fetched]]
+        disallowed = view.num_items - int(filtered.sum()) if filtered is not None else len(excluded) + view.num_hidden
+        pool = allowed(base.popular_items[: fetch_size(query.k, disallowed, base.num_items)])
         if len(pool) < query.k:  # a narrow filter: the allowed items that are left, most popular first
-            rest = np.flatnonzero(allowed)
-            pool = rest[np.argsort(-popularity[rest], kind="stable")]
-        pool = pool[: query.k]
-    total = max(float(base.item_popularity.sum()), 1.0)
-    items = tuple(
-        RankedItem(item_id=str(view.item_ids[index]), score=float(popularity[index]) / total,
-                   relevance=float(popularity[index]) / total, because_item_id="", explanation="")
-        for index in pool
-    )
+            pool = most_popular_first(allowed(np.arange(PAD_INDEX + 1, view.num_items + 1)))
+    pool = pool[: query.k]
+    shares = popularity(pool) / max(float(base.item_popularity.sum()), 1.0)
+    items = tuple(RankedItem(item_id=str(view.item_ids[index]), score=float(share), relevance=float(share),
+                             because_item_id="", explanation="") for index, share in zip(pool, shares))
     return RankedList(base.model_version, items, rerank_ms=0.0)
 
 
@@ -428,10 +434,8 @@ class RankingIngress:
 
     async def _catch_up(self, version: int) -> None:
         """This replica's live catalogue at `version` or later (read-your-writes after a catalogue write)."""
-        held = self._live.current
-        if held.version < version:
-            states, latest = await self._store.items_since(held.version)
-            self._live.apply(states, latest)
+        if self._live.current.version < version:
+            await self._refresh()
 
     @rpc_method(ranking_pb2.RankRequest, ranking_pb2.RankResponse)
     async def Rank(self, request: ranking_pb2.RankRequest, grpc_context) -> ranking_pb2.RankResponse:
@@ -447,8 +451,7 @@ class RankingIngress:
     async def _rank(self, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
         """One Rank: validate, history, then the fallback list or the model stages (batched with its peers)."""
         clock = StageClock(self._metrics)
-        if request.min_catalogue_version > self._live.current.version:  # validated below; a read-your-writes
-            await self._catch_up(request.min_catalogue_version)
+        await self._catch_up(request.min_catalogue_version)  # read-your-writes; the field is validated below
         view = self._view()
         catalogue = view.base
         query = validate_rank_request(request, self._args.limits, view.item_index_of, catalogue.behavior_names)

@@ -18,7 +18,7 @@ import logging
 import threading
 from collections import ChainMap, OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Generic, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,8 @@ from seqrank.serving.catalogue import Catalogue
 from seqrank.training.vocab import PAD_INDEX
 
 logger = logging.getLogger(f"ray.serve.{__name__}")
+K = TypeVar("K")
+V = TypeVar("V")
 VIEW_CACHE_SIZE = 4  # views kept: the current and previous model version, each at the latest catalogue version
 
 
@@ -68,6 +70,7 @@ class CatalogueView:
     item_index_of: Mapping[str, int] = field(repr=False)
     new_items: np.ndarray = field(repr=False)  # (N,) object raw ids of the upserted new items, index order
     hidden: np.ndarray = field(repr=False)  # (I+N+1,) bool, PAD True (never returned)
+    hidden_items: np.ndarray = field(repr=False)  # (H,) sorted indices of the hidden items (PAD not among them)
     items_with_value: Mapping[str, np.ndarray] = field(repr=False)  # attribute value -> sorted item indices
 
     @property
@@ -76,7 +79,7 @@ class CatalogueView:
 
     @property
     def num_hidden(self) -> int:
-        return int(self.hidden.sum()) - 1  # PAD is not an item
+        return len(self.hidden_items)
 
     def allowed(self, include_any: Sequence[str] = (), exclude_any: Sequence[str] = ()) -> np.ndarray:
         """(I+N+1,) bool: items that may be returned: not hidden, having an `include_any` value (when given) and no
@@ -102,7 +105,9 @@ _NONE = np.zeros(0, dtype=np.int64)
 
 
 def build_view(base: Catalogue, live: LiveItems) -> CatalogueView:
-    """The view of `base` (one model version) through `live`: O(items + attribute values), done once per pair."""
+    """The view of `base` (one model version) through `live`, done once per pair. The artifact's attribute index
+    (`base.items_with_value`, built at reload) is reused; only the values of upserted items are re-indexed, so the
+    cost follows the catalogue changes, not the catalogue."""
     num_trained = base.num_items
     new_items = np.array([raw for raw in live.order if raw not in base.item_index_of], dtype=object)
     item_ids = np.concatenate([base.item_ids, new_items]) if len(new_items) else base.item_ids
@@ -110,41 +115,62 @@ def build_view(base: Catalogue, live: LiveItems) -> CatalogueView:
     item_index_of = ChainMap(new_index_of, base.item_index_of) if new_index_of else base.item_index_of
     hidden = np.zeros(len(item_ids), dtype=bool)
     hidden[PAD_INDEX] = True
-    for raw in live.hidden:
-        index = item_index_of.get(raw)
-        if index is not None:
-            hidden[index] = True
-    per_item = base.trained_values_by_index()  # shared, never mutated
+    hidden_items = np.array(sorted(item_index_of[raw] for raw in live.hidden if raw in item_index_of), np.int64)
+    hidden[hidden_items] = True
     overrides = {item_index_of[raw]: values for raw, values in live.attributes.items() if raw in item_index_of}
-    buckets: dict[str, list[int]] = {}
-    for index in range(1, len(item_ids)):
-        for value in overrides.get(index, per_item[index] if index <= num_trained else ()):
-            buckets.setdefault(value, []).append(index)
-    items_with_value = {value: np.asarray(indices, dtype=np.int64) for value, indices in buckets.items()}
-    return CatalogueView(base, live.version, item_ids, item_index_of, new_items, hidden, items_with_value)
+    return CatalogueView(base, live.version, item_ids, item_index_of, new_items, hidden, hidden_items,
+                         _with_overrides(base, overrides))
 
 
-class ViewCache:
-    """The few views a replica uses, built on first use; thread-safe (Serve may run requests in threads)."""
+def _with_overrides(base: Catalogue, overrides: Mapping[int, tuple[str, ...]]) -> Mapping[str, np.ndarray]:
+    """`base.items_with_value` with the upserted items' values replacing what the artifact said about them."""
+    if not overrides:
+        return base.items_with_value
+    replaced = np.array(sorted(index for index in overrides if index <= base.num_items), dtype=np.int64)
+    added: dict[str, list[int]] = {}
+    for index, values in overrides.items():
+        for value in values:
+            added.setdefault(value, []).append(index)
+    touched = set(added).union(*(base.values_of(int(index)) for index in replaced))
+    items_with_value = dict(base.items_with_value)
+    for value in touched:
+        kept = items_with_value.get(value, _NONE)
+        kept = kept[~np.isin(kept, replaced)] if len(replaced) else kept
+        items_with_value[value] = np.union1d(kept, np.asarray(added.get(value, ()), dtype=np.int64))
+    return items_with_value
+
+
+class BuiltOnce(Generic[K, V]):
+    """The last few values of `build(key)`, each built on first use; thread-safe (Serve may run requests in
+    threads). For views and the indexes over them, keyed by (model version, catalogue version)."""
 
     def __init__(self, size: int = VIEW_CACHE_SIZE) -> None:
-        self._views: OrderedDict[tuple[str, int], CatalogueView] = OrderedDict()
+        self._values: OrderedDict[K, V] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
 
+    def get(self, key: K, build: Callable[[], V]) -> V:
+        with self._lock:
+            value = self._values.get(key)
+            if value is not None:
+                self._values.move_to_end(key)
+                return value
+        value = build()  # outside the lock: concurrent builders of one key agree on the result
+        with self._lock:
+            self._values[key] = value
+            while len(self._values) > self._size:
+                self._values.popitem(last=False)
+        return value
+
+
+class ViewCache:
+    """The views a replica uses."""
+
+    def __init__(self, size: int = VIEW_CACHE_SIZE) -> None:
+        self._views: BuiltOnce[tuple[str, int], CatalogueView] = BuiltOnce(size)
+
     def view(self, base: Catalogue, live: LiveItems) -> CatalogueView:
-        key = (base.model_version, live.version)
-        with self._lock:
-            view = self._views.get(key)
-            if view is not None:
-                self._views.move_to_end(key)
-                return view
-        view = build_view(base, live)  # outside the lock: concurrent builders of one key agree on the result
-        with self._lock:
-            self._views[key] = view
-            while len(self._views) > self._size:
-                self._views.popitem(last=False)
-        return view
+        return self._views.get((base.model_version, live.version), lambda: build_view(base, live))
 
 
 class LiveItemsSync:

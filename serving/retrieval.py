@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import compress
 from typing import AbstractSet
 
@@ -27,7 +26,7 @@ from seqrank.serving.config import RetrievalArgs
 from seqrank.serving.filtered_search import FilterPolicy, exact_top_k_allowed, filtered_top_k
 from seqrank.serving.history import HistoryConfig, open_history_store, resolve_history_url
 from seqrank.serving.live_catalogue import (
-    VIEW_CACHE_SIZE,
+    BuiltOnce,
     CatalogueView,
     LiveItems,
     LiveItemsSync,
@@ -137,6 +136,9 @@ class LoadedIndex:
     item_vectors: np.ndarray  # (I+1, D) float32
     transitions: TransitionPrior | None = None  # the artifact's item-to-item prior, when it has one
     artifact: Artifact | None = None  # for upserted items' vectors (its attribute embeddings)
+    # (raw id, attribute values) -> that upserted item's vector under this model: a catalogue change (a hide, one
+    # more upsert) re-embeds only the items it touched, not every upserted item.
+    placed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def model_version(self) -> str:
@@ -169,8 +171,12 @@ class LiveIndex:
 def build_live_index(loaded: LoadedIndex, view: CatalogueView, live: LiveItems) -> LiveIndex:
     if not len(view.new_items):
         return LiveIndex(loaded, view, loaded.item_vectors)
-    attributes = [live.attributes[raw] for raw in view.new_items]
-    new_vectors = placed_item_vectors(loaded.artifact, attributes).vectors.astype(np.float32, copy=False)
+    keys = [(raw, live.attributes[raw]) for raw in view.new_items]
+    missing = [key for key in keys if key not in loaded.placed]
+    if missing:
+        vectors = placed_item_vectors(loaded.artifact, [values for _, values in missing]).vectors
+        loaded.placed.update(zip(missing, vectors.astype(np.float32, copy=False)))
+    new_vectors = np.stack([loaded.placed[key] for key in keys])
     return LiveIndex(loaded, view, np.concatenate([loaded.item_vectors, new_vectors]))
 
 
@@ -222,7 +228,7 @@ class RetrievalStage:
         self._ef = args.ef  # None: each artifact's ef_search
         self.live = live  # None: the artifact's catalogue as it is (no store)
         self._views = ViewCache()
-        self._live_indexes: OrderedDict[tuple[str, int], LiveIndex] = OrderedDict()
+        self._live_indexes: BuiltOnce[tuple[str, int], LiveIndex] = BuiltOnce()
         self.models: ModelSlot[LoadedIndex] = ModelSlot(
             owner, lambda artifact: LoadedIndex.from_artifact(artifact, args.ef, sharded=shards is not None),
             metrics.observe_reload,
@@ -231,15 +237,8 @@ class RetrievalStage:
     def live_index(self, loaded: LoadedIndex, catalogue_version: int = 0) -> LiveIndex:
         """`loaded` through the live catalogue at `catalogue_version` or later (built once, then cached)."""
         live = self.live.catch_up(catalogue_version) if self.live is not None else LiveItems()
-        key = (loaded.model_version, live.version)
-        cached = self._live_indexes.get(key)
-        if cached is not None:
-            return cached
-        built = build_live_index(loaded, self._views.view(loaded.catalogue, live), live)
-        self._live_indexes[key] = built
-        while len(self._live_indexes) > VIEW_CACHE_SIZE:
-            self._live_indexes.popitem(last=False)
-        return built
+        return self._live_indexes.get((loaded.model_version, live.version), lambda: build_live_index(
+            loaded, self._views.view(loaded.catalogue, live), live))
 
     def prepare(self, request: RetrievalRequest) -> IndexSearch:
         """Resolves the model version (VersionUnavailable), the live catalogue, exclusions and filters; sizes the
@@ -251,7 +250,7 @@ class RetrievalStage:
         excluded = view.indices(request.exclude_item_ids)
         if request.exclude_seen:
             excluded = np.concatenate([excluded, history_items])
-        hidden = np.flatnonzero(view.hidden[1:]) + 1
+        hidden = view.hidden_items
         given = allowed = None
         if request.candidate_item_ids:
             given = view.indices(request.candidate_item_ids)

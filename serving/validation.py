@@ -187,14 +187,8 @@ def validate_rank_request(
     exclude_item_indices = frozenset(
         item_index_of[raw_item_id] for raw_item_id in request.exclude_item_ids if raw_item_id in item_index_of
     )
-    _check_count("candidate_item_ids", len(request.candidate_item_ids), limits.max_request_candidates)
-    for i, raw_item_id in enumerate(request.candidate_item_ids):
-        _check_id(f"candidate_item_ids[{i}]", raw_item_id, limits)
-    if len(set(request.candidate_item_ids)) != len(request.candidate_item_ids):
-        first = next(i for i, raw in enumerate(request.candidate_item_ids)
-                     if raw in request.candidate_item_ids[:i])
-        raise InvalidArgument(f"candidate_item_ids[{first}]",
-                              f"repeats {shown(request.candidate_item_ids[first])}; send each candidate once")
+    _check_unique_ids("candidate_item_ids", request.candidate_item_ids, limits.max_request_candidates, limits,
+                      minimum=0)
     known = tuple(raw for raw in request.candidate_item_ids if raw in item_index_of)
     unknown = tuple(raw for raw in request.candidate_item_ids if raw not in item_index_of)
     include_any = _check_values("filter.include_any", request.filter.include_any, limits)
@@ -246,8 +240,9 @@ class AvailabilityChange:
     idempotency_key: str | None
 
 
-def _check_unique_ids(field: str, raw_item_ids: Sequence[str], limits: Limits) -> None:
-    _check_count(field, len(raw_item_ids), limits.max_items_per_call, minimum=1)
+def _check_unique_ids(field: str, raw_item_ids: Sequence[str], maximum: int, limits: Limits, minimum: int = 1) -> None:
+    """Between minimum and maximum ids, each a valid id, none repeated (the message names the repeat)."""
+    _check_count(field, len(raw_item_ids), maximum, minimum)
     seen: set[str] = set()
     for i, raw_item_id in enumerate(raw_item_ids):
         _check_id(f"{field}[{i}]", raw_item_id, limits)
@@ -258,7 +253,7 @@ def _check_unique_ids(field: str, raw_item_ids: Sequence[str], limits: Limits) -
 
 def validate_upsert_items_request(request: ranking_pb2.UpsertItemsRequest, limits: Limits) -> ItemUpserts:
     """Ids and attribute values within their limits, each item once; any new or known id is fine."""
-    _check_unique_ids("items", [item.item_id for item in request.items], limits)
+    _check_unique_ids("items", [item.item_id for item in request.items], limits.max_items_per_call, limits)
     _check_id("idempotency_key", request.idempotency_key, limits, required=False)
     items = []
     for i, item in enumerate(request.items):
@@ -273,7 +268,7 @@ def validate_set_item_availability_request(
     request: ranking_pb2.SetItemAvailabilityRequest, limits: Limits, item_index_of: Mapping[str, int]
 ) -> AvailabilityChange:
     """Known items only (trained or upserted): hiding an id the catalogue never held is a caller's mistake."""
-    _check_unique_ids("item_ids", request.item_ids, limits)
+    _check_unique_ids("item_ids", request.item_ids, limits.max_items_per_call, limits)
     _check_id("idempotency_key", request.idempotency_key, limits, required=False)
     for i, raw_item_id in enumerate(request.item_ids):
         if raw_item_id not in item_index_of:

@@ -362,19 +362,7 @@ def load_item_ids(path: Path, num_items: int) -> list[str]:
         item_ids = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(item_ids, list) or not all(isinstance(raw, str) for raw in item_ids):
-        raise ArtifactError(f"{path}: expected a JSON list of strings")
-    if len(item_ids) != num_items + 1:
-        raise ArtifactError(f"{path}: {len(item_ids)} ids, expected num_items + 1 = {num_items + 1} (PAD first)")
-    if item_ids[PAD_INDEX] != "":
-        raise ArtifactError(f"{path}: id {item_ids[PAD_INDEX]!r} at the PAD index {PAD_INDEX}, expected ''")
-    real = item_ids[PAD_INDEX + 1:]
-    if "" in real:
-        raise ArtifactError(f"{path}: empty id at item index {real.index('') + PAD_INDEX + 1}")
-    if len(set(real)) != len(real):
-        duplicate = next(raw for raw, count in Counter(real).items() if count > 1)
-        raise ArtifactError(f"{path}: id {duplicate!r} appears more than once")
-    return item_ids
+    return _check_vocabulary(path, item_ids, num_items, ("id", "ids", "item", "num_items"))
 
 
 def load_item_attributes(path: Path, num_items: int, encoder_config: dict, manifest_path: Path) -> np.ndarray:
@@ -448,20 +436,26 @@ def check_cold_item_settings(settings: object, encoder_config: dict, dim: int, m
 def check_attribute_values(path: Path, values: object, num_attributes: int) -> list[str]:
     """attribute_values.json's list: num_attributes + 1 strings, "" at the PAD index 0, the rest non-empty and
     unique (a raw value must name one attribute index)."""
-    if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
+    return _check_vocabulary(path, values, num_attributes, ("value", "values", "attribute", "num_attributes"))
+
+
+def _check_vocabulary(path: Path, names: object, count: int, words: tuple[str, str, str, str]) -> list[str]:
+    """A list of count + 1 strings, "" at PAD_INDEX, the rest non-empty and unique: item_ids.json and
+    attribute_values.json. `words`: (one, many, index kind, size name) for the messages."""
+    one, many, kind, size = words
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise ArtifactError(f"{path}: expected a JSON list of strings")
-    if len(values) != num_attributes + 1:
-        raise ArtifactError(f"{path}: {len(values)} values, expected num_attributes + 1 = {num_attributes + 1} "
-                            f"(PAD first)")
-    if values[PAD_INDEX] != "":
-        raise ArtifactError(f"{path}: value {values[PAD_INDEX]!r} at the PAD index {PAD_INDEX}, expected ''")
-    real = values[PAD_INDEX + 1:]
+    if len(names) != count + 1:
+        raise ArtifactError(f"{path}: {len(names)} {many}, expected {size} + 1 = {count + 1} (PAD first)")
+    if names[PAD_INDEX] != "":
+        raise ArtifactError(f"{path}: {one} {names[PAD_INDEX]!r} at the PAD index {PAD_INDEX}, expected ''")
+    real = names[PAD_INDEX + 1:]
     if "" in real:
-        raise ArtifactError(f"{path}: empty value at attribute index {real.index('') + PAD_INDEX + 1}")
+        raise ArtifactError(f"{path}: empty {one} at {kind} index {real.index('') + PAD_INDEX + 1}")
     if len(set(real)) != len(real):
-        duplicate = next(value for value, count in Counter(real).items() if count > 1)
-        raise ArtifactError(f"{path}: value {duplicate!r} appears more than once")
-    return values
+        duplicate = next(name for name, times in Counter(real).items() if times > 1)
+        raise ArtifactError(f"{path}: {one} {duplicate!r} appears more than once")
+    return names
 
 
 def check_attribute_vectors(path: Path, vectors: np.ndarray, settings: dict) -> np.ndarray:

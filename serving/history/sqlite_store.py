@@ -126,6 +126,7 @@ class SQLiteHistoryStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._in_use: set[int] = set()  # ids of the connections inside a transaction right now
         self._closed = False
         with self._transaction() as connection:
             version = connection.execute("PRAGMA user_version").fetchone()[0]
@@ -167,17 +168,36 @@ class SQLiteHistoryStore:
     def _transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
         """One transaction on this thread's connection, rolled back on any error; lock errors -> Unavailable."""
         try:
-            connection = self._connection()
-            connection.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            connection = self._acquire()
             try:
-                yield connection
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
+                connection.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                try:
+                    yield connection
+                    connection.execute("COMMIT")
+                except BaseException:
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                    raise
+            finally:
+                self._release(connection)
         except sqlite3.OperationalError as error:  # "database is locked" after busy_timeout_s, disk errors
             raise Unavailable("history_store", f"SQLite {self.path}: {error}") from error
+
+    def _acquire(self) -> sqlite3.Connection:
+        connection = self._connection()
+        with self._connections_lock:
+            if self._closed:
+                raise Unavailable("history_store", f"{self.path} is closed")
+            self._in_use.add(id(connection))
+        return connection
+
+    def _release(self, connection: sqlite3.Connection) -> None:
+        """Ends this thread's use; closes the connection when the store was closed meanwhile (close() leaves a
+        connection inside a transaction to its thread: closing it under the thread crashes sqlite3)."""
+        with self._connections_lock:
+            self._in_use.discard(id(connection))
+            if self._closed:
+                connection.close()
 
     def _now_ms(self) -> int:
         return int(self._clock() * MS_PER_S)
@@ -334,9 +354,11 @@ class SQLiteHistoryStore:
         return Durability(True, f"SQLite {self.path}: WAL journal, synchronous=FULL (fsync on every commit)")
 
     def close(self) -> None:
-        """Closes every thread's connection; later calls raise Unavailable."""
+        """Closes every idle connection now and each busy one when its transaction ends; later calls raise
+        Unavailable. Safe while other threads (a catalogue poll, a store call past its deadline) are mid-call."""
         with self._connections_lock:
             self._closed = True
             for connection in self._connections:
-                connection.close()
+                if id(connection) not in self._in_use:
+                    connection.close()
             self._connections.clear()
