@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from seqrank.training.data import SequenceData, history_bounds
+from seqrank.training.data import SequenceData, history_bounds, target_positions
 from seqrank.training.model import EncoderConfig
 from seqrank.training.vocab import PAD_INDEX
 
@@ -169,11 +169,13 @@ class EvalBatch:
 
 
 def eval_batches(data: SequenceData, split: str, batch_size: int, users: np.ndarray | None = None) -> Iterator[EvalBatch]:
-    """Leave-one-out evaluation inputs for `split` ("valid" or "test"), users grouped by history length."""
+    """Evaluation inputs for `split` ("valid" or "test") of the users that have a target and an input (data.py
+    `target_positions`), grouped by history length."""
     start, end = history_bounds(data, split)
+    position, evaluated = target_positions(data, split)
     if users is None:
         users = np.arange(data.num_users)
-    users = users[end[users] > start[users]]
+    users = users[evaluated[users]]
     users = users[np.argsort(end[users] - start[users], kind="stable")]
     for i in range(0, len(users), batch_size):
         batch = users[i : i + batch_size]
@@ -181,7 +183,7 @@ def eval_batches(data: SequenceData, split: str, batch_size: int, users: np.ndar
         behaviors = None
         if data.behaviors is not None:
             behaviors = [data.behaviors[start[u] : end[u]] for u in batch]
-        yield EvalBatch(batch, histories, behaviors, data.items[end[batch]].astype(np.int64))
+        yield EvalBatch(batch, histories, behaviors, data.items[position[batch]].astype(np.int64))
 
 
 def next_item_masked_batches(

@@ -27,6 +27,15 @@ class DataConfig:
     attributes: str = ""  # optional item side information, JSON {raw_item_id: [attribute, ...]}
     kcore: int = 0  # iterative k-core filter on users and items; 0 = off (the Amazon files are already 5-core)
     max_events_per_user: int = 0  # keep only each user's most recent events; 0 = keep all
+    # Evaluation protocol (docs/training.md, "Evaluation protocols"): leave_one_out holds out each user's last two
+    # events; temporal trains on events before valid_cutoff, validates on each user's first event in
+    # [valid_cutoff, test_cutoff) and tests on the first event at or after test_cutoff. A cutoff below 1 is a
+    # quantile of the event times, otherwise Unix seconds. temporal only: target_behavior = the behaviour a target
+    # must have ("buy": next purchase), "" = any event.
+    protocol: str = "leave_one_out"  # leave_one_out | temporal
+    valid_cutoff: float = 0.8
+    test_cutoff: float = 0.9
+    target_behavior: str = ""
     synthetic_users: int = 2000  # used only when path is empty
     synthetic_items: int = 500
     synthetic_seed: int = 0
@@ -207,6 +216,7 @@ def config_from_dict(raw: dict) -> TrainConfig:
 def validate_config(config: TrainConfig) -> None:
     choices = {
         "data.format": (config.data.format, ("auto", "events", "s3rec", "sasrec")),
+        "data.protocol": (config.data.protocol, ("leave_one_out", "temporal")),
         "model.backbone": (config.model.backbone, ("gpt2", "llama", "bert")),
         "model.bert_objective": (config.model.bert_objective, ("cloze", "next")),
         "optim.loss": (config.optim.loss, ("ce", "sampled", "bce")),
@@ -247,6 +257,16 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"model.frequency_mix: must be in [0, 1], got {config.model.frequency_mix}")
     if config.model.frequency_mix and config.model.backbone == "bert" and not config.model.towers:
         raise ConfigError("model.frequency_mix: the low-pass path is causal; backbone bert cannot take it")
+    for key, value in (("data.valid_cutoff", config.data.valid_cutoff), ("data.test_cutoff", config.data.test_cutoff)):
+        if value <= 0:
+            raise ConfigError(f"{key}: must be a quantile in (0, 1) or Unix seconds >= 1, got {value}")
+    if (config.data.valid_cutoff < 1) == (config.data.test_cutoff < 1) and \
+            not config.data.valid_cutoff < config.data.test_cutoff:
+        raise ConfigError(f"data.valid_cutoff: must come before data.test_cutoff, got {config.data.valid_cutoff} and "
+                          f"{config.data.test_cutoff}")
+    if config.data.target_behavior and config.data.protocol != "temporal":
+        raise ConfigError("data.target_behavior: needs data.protocol: temporal (leave-one-out holds out the last "
+                          "events, whatever their behaviour)")
     if config.data.kcore < 0:
         raise ConfigError(f"data.kcore: must be >= 0, got {config.data.kcore}")
     if not config.transitions.weights or any(w < 0 for w in config.transitions.weights):

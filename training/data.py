@@ -15,12 +15,16 @@ Rules for imperfect input (anything else unusable is a DataError naming the file
   - Blank lines are skipped. Exact duplicate events (same user, item, timestamp and behaviour) are dropped;
     in s3rec/sasrec files the position is the time, so a repeated item there is a real repeat and is kept.
   - Users left with fewer than MIN_EVENTS_PER_USER events are dropped and counted in the log, because
-    leave-one-out needs a train, a valid and a test event per user; k-core filtering (off by default) counts
-    events, not distinct items.
+    leave-one-out needs a train, a valid and a test event per user (the temporal protocol keeps every user);
+    k-core filtering (off by default) counts events, not distinct items.
+
+Evaluation protocols (docs/training.md, "Evaluation protocols"): leave-one-out holds out each user's last two
+events; the temporal protocol (`TemporalSplit`) cuts every user's sequence at two points in time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -83,6 +87,40 @@ class Interactions:
         return len(self.user_ids)
 
 
+@dataclass(frozen=True)
+class SplitProtocol:
+    """How held-out targets are chosen: the resolved `data.protocol` settings (config.DataConfig).
+
+    Cutoffs below 1 are quantiles of the event times, others Unix seconds; `target_behavior` "" = any event."""
+
+    name: str = "leave_one_out"  # leave_one_out | temporal
+    valid_cutoff: float = 0.8
+    test_cutoff: float = 0.9
+    target_behavior: str = ""
+
+    @property
+    def temporal(self) -> bool:
+        return self.name == "temporal"
+
+
+@dataclass(frozen=True, eq=False)
+class TemporalSplit:
+    """Per-user event offsets of a temporal split (absolute positions into SequenceData.items).
+
+    Training input: events before the valid cutoff, [offsets[u], train_end[u]). Valid: that same history, target
+    the first event (of the target behaviour) in [valid cutoff, test cutoff). Test: the history before the test
+    cutoff, [offsets[u], test_end[u]), target the first event (of the target behaviour) at or after it."""
+
+    valid_cutoff_s: int
+    test_cutoff_s: int
+    train_end: np.ndarray  # (U,) int64
+    test_end: np.ndarray  # (U,) int64
+    valid_target: np.ndarray  # (U,) int64 position of the valid target; meaningful where has_valid
+    has_valid: np.ndarray  # (U,) bool
+    test_target: np.ndarray  # (U,) int64
+    has_test: np.ndarray  # (U,) bool
+
+
 @dataclass(frozen=True, eq=False)
 class SequenceData:
     """Per-user event sequences in CSR layout: user u's events are items[offsets[u]:offsets[u+1]], oldest first."""
@@ -96,6 +134,8 @@ class SequenceData:
     item_attributes: np.ndarray | None  # (I+1, A_max) int32 attribute indices, 0 = pad
     num_attributes: int  # A
     fingerprint: str  # sha256 of the source bytes + preprocessing settings
+    timestamps: np.ndarray | None = None  # (E,) int64 seconds (file positions for formats without time)
+    temporal: TemporalSplit | None = None  # None = leave-one-out
 
     @property
     def num_users(self) -> int:
@@ -334,9 +374,9 @@ def _ordered_behavior_names(names) -> tuple[str, ...]:
     return tuple(known + sorted(set(names) - set(known)))
 
 
-def _count_filter(user_codes: np.ndarray, item_codes: np.ndarray, kcore: int) -> np.ndarray:
-    """Keep-mask after iteratively removing users under max(kcore, MIN_EVENTS_PER_USER) and items under kcore events."""
-    min_user_events = max(kcore, MIN_EVENTS_PER_USER)
+def _count_filter(user_codes: np.ndarray, item_codes: np.ndarray, kcore: int, min_events: int) -> np.ndarray:
+    """Keep-mask after iteratively removing users under max(kcore, min_events) and items under kcore events."""
+    min_user_events = max(kcore, min_events)
     keep = np.ones(len(user_codes), dtype=bool)
     while True:
         user_counts = np.bincount(user_codes[keep], minlength=user_codes.max(initial=0) + 1)
@@ -366,11 +406,14 @@ def _fingerprint(interactions: Interactions, settings: dict) -> str:
 
 
 def build_sequences(
-    interactions: Interactions, *, kcore: int = 0, max_events_per_user: int = 0, attributes_path: str = ""
+    interactions: Interactions, *, kcore: int = 0, max_events_per_user: int = 0, attributes_path: str = "",
+    protocol: SplitProtocol = SplitProtocol(),
 ) -> SequenceData:
     """Dedupe, sort each user's events stably by time, keep the newest `max_events_per_user` (0 = all),
-    k-core filter, drop users under MIN_EVENTS_PER_USER, then index users and items by first appearance."""
+    k-core filter, drop users under MIN_EVENTS_PER_USER (leave-one-out only), then index users and items by first
+    appearance; a temporal `protocol` then cuts each user's sequence (`temporal_split`)."""
     source = interactions.source
+    min_events = 1 if protocol.temporal else MIN_EVENTS_PER_USER
     if kcore < 0 or max_events_per_user < 0:
         raise ValueError(f"kcore and max_events_per_user must be >= 0, got {kcore} and {max_events_per_user}")
     if len(interactions) == 0:
@@ -395,9 +438,9 @@ def build_sequences(
         per_user = np.bincount(user_codes[kept])
         position = np.arange(len(kept)) - (np.cumsum(per_user) - per_user)[user_codes[kept]]
         kept = kept[position >= per_user[user_codes[kept]] - max_events_per_user]
-    kept = kept[_count_filter(user_codes[kept], item_codes[kept], kcore)]
+    kept = kept[_count_filter(user_codes[kept], item_codes[kept], kcore, min_events)]
     if len(kept) == 0:
-        raise DataError(source, f"no user has at least {max(kcore, MIN_EVENTS_PER_USER)} events "
+        raise DataError(source, f"no user has at least {max(kcore, min_events)} events "
                                 f"after deduplication{' and k-core' if kcore else ''}")
 
     user_index, user_order = pd.factorize(user_codes[kept])  # ascending codes, so first-appearance order
@@ -407,15 +450,17 @@ def build_sequences(
     item_ids = np.concatenate([np.array([""], dtype=object), np.asarray(raw_items, dtype=object)[item_order]])
     num_dropped_users = len(raw_users) - len(user_order)
     logger.info("%s: dropped %d duplicate events and %d users (fewer than %d events%s); %d users, %d items, "
-                "%d events remain", source, num_duplicates, num_dropped_users, max(kcore, MIN_EVENTS_PER_USER),
+                "%d events remain", source, num_duplicates, num_dropped_users, max(kcore, min_events),
                 f", {kcore}-core" if kcore else "", len(user_order), len(item_order), len(kept))
 
     item_attributes, num_attributes = None, 0
     if attributes_path:
         item_attributes, num_attributes = load_attributes(attributes_path, item_ids)
     settings = {"kcore": kcore, "max_events_per_user": max_events_per_user, "attributes": attributes_path,
-                "min_events_per_user": MIN_EVENTS_PER_USER, "version": PREPROCESSING_VERSION}
-    return SequenceData(
+                "min_events_per_user": min_events, "version": PREPROCESSING_VERSION}
+    if protocol.temporal:  # only then: leave-one-out fingerprints stay those of the runs already trained
+        settings["protocol"] = dataclasses.asdict(protocol)
+    data = SequenceData(
         user_ids=np.asarray(raw_users, dtype=object)[user_order],
         item_ids=item_ids,
         offsets=offsets,
@@ -425,23 +470,100 @@ def build_sequences(
         item_attributes=item_attributes,
         num_attributes=num_attributes,
         fingerprint=_fingerprint(interactions, settings),
+        timestamps=timestamps[kept],
     )
+    if not protocol.temporal:
+        return data
+    return dataclasses.replace(data, temporal=temporal_split(data, protocol))
+
+
+# ------------------------------------------------------------------------------------------ evaluation splits
+
+
+def resolve_cutoff(value: float, timestamps: np.ndarray) -> int:
+    """A cutoff setting in Unix seconds: a value below 1 is a quantile q of the event times, read as the time of
+    the event at rank floor(q * E) in time order (so about a share q of the events lies before it)."""
+    if value <= 0:
+        raise ValueError(f"cutoff: must be a quantile in (0, 1) or Unix seconds >= 1, got {value}")
+    if value >= 1:
+        return int(value)
+    rank = min(int(value * len(timestamps)), len(timestamps) - 1)
+    return int(np.partition(timestamps, rank)[rank])
+
+
+def _first_in_window(user_of_event: np.ndarray, eligible: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(U,) position of each user's first eligible event, and (U,) whether there is one; positions ascend."""
+    positions = np.flatnonzero(eligible)
+    users, first = np.unique(user_of_event[positions], return_index=True)
+    found = np.zeros(num_users, dtype=bool)
+    position = np.zeros(num_users, dtype=np.int64)
+    found[users] = True
+    position[users] = positions[first]
+    return position, found
+
+
+def temporal_split(data: SequenceData, protocol: SplitProtocol) -> TemporalSplit:
+    """Cut every user's time-sorted sequence at the valid and the test cutoff (see `TemporalSplit`)."""
+    if data.timestamps is None:
+        raise ValueError("data.protocol: temporal needs event times")
+    valid_cutoff = resolve_cutoff(protocol.valid_cutoff, data.timestamps)
+    test_cutoff = resolve_cutoff(protocol.test_cutoff, data.timestamps)
+    if not valid_cutoff < test_cutoff:
+        raise ValueError(f"data.valid_cutoff: resolves to {valid_cutoff} s, not before data.test_cutoff "
+                         f"({test_cutoff} s)")
+    lengths = data.lengths()
+    user_of_event = np.repeat(np.arange(data.num_users), lengths)  # (E,)
+    starts = data.offsets[:-1]
+    train_end = starts + np.bincount(user_of_event, weights=data.timestamps < valid_cutoff,
+                                     minlength=data.num_users).astype(np.int64)
+    test_end = starts + np.bincount(user_of_event, weights=data.timestamps < test_cutoff,
+                                    minlength=data.num_users).astype(np.int64)
+    target = np.ones(len(data.items), dtype=bool)
+    if protocol.target_behavior:
+        if protocol.target_behavior not in data.behavior_names:
+            raise ValueError(f"data.target_behavior: {protocol.target_behavior!r} is not a behaviour of the data "
+                             f"({', '.join(data.behavior_names) or 'it has none'})")
+        target = data.behaviors == data.behavior_names.index(protocol.target_behavior) + 1
+    position = np.arange(len(data.items))
+    in_valid = (position >= train_end[user_of_event]) & (position < test_end[user_of_event])
+    in_test = position >= test_end[user_of_event]
+    valid_target, has_valid = _first_in_window(user_of_event, target & in_valid, data.num_users)
+    test_target, has_test = _first_in_window(user_of_event, target & in_test, data.num_users)
+    return TemporalSplit(valid_cutoff, test_cutoff, train_end, test_end, valid_target, has_valid, test_target,
+                         has_test)
 
 
 # ---------------------------------------------------------------------------------------------- leave-one-out
 
 
 def history_bounds(data: SequenceData, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) offsets per user of the model input for `split`: train and valid see [start, end_all-2),
-    test sees [start, end_all-1); the valid target is items[end_all-2], the test target items[end_all-1]."""
+    """(start, end) offsets per user of the model input for `split`. Leave-one-out: train and valid see
+    [start, end_all-2), test sees [start, end_all-1). Temporal: train and valid see the events before the valid
+    cutoff, test those before the test cutoff (`TemporalSplit`)."""
     if split not in SPLIT_CUT:
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLIT_CUT)}")
+    if data.temporal is not None:
+        end = data.temporal.test_end if split == "test" else data.temporal.train_end
+        return data.offsets[:-1].copy(), end.copy()
     return data.offsets[:-1].copy(), data.offsets[1:] - SPLIT_CUT[split]
 
 
-def targets(data: SequenceData, split: str) -> np.ndarray:
-    """(U,) item index each user's `split` input must predict; only "valid" and "test" have one."""
+def target_positions(data: SequenceData, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """((U,) position in data.items of each user's `split` target, (U,) bool: the user is evaluated, i.e. has a
+    target and a non-empty input). Leave-one-out: the event right after the input; positions are meaningful only
+    where evaluated."""
     if split not in ("valid", "test"):
         raise ValueError(f"split {split!r}: targets exist for valid and test only")
-    _, end = history_bounds(data, split)
-    return data.items[end].astype(np.int64)
+    start, end = history_bounds(data, split)
+    if data.temporal is None:
+        return end, end > start
+    split_of = data.temporal
+    position, has = (split_of.valid_target, split_of.has_valid) if split == "valid" else \
+        (split_of.test_target, split_of.has_test)
+    return position.copy(), has & (end > start)
+
+
+def targets(data: SequenceData, split: str) -> np.ndarray:
+    """(U,) item index each user's `split` input must predict (see `target_positions` for who has one)."""
+    position, _ = target_positions(data, split)
+    return data.items[position].astype(np.int64)

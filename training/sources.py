@@ -7,7 +7,7 @@ must not import the generator back.
 from __future__ import annotations
 
 from seqrank.training.config import DataConfig
-from seqrank.training.data import SequenceData, build_sequences, load_interactions
+from seqrank.training.data import SequenceData, SplitProtocol, build_sequences, load_interactions
 from seqrank.training.synthetic import generate_log
 
 
@@ -17,5 +17,6 @@ def load_sequences(config: DataConfig) -> SequenceData:
         interactions = load_interactions(config.path, config.format)
     else:
         interactions = generate_log(config.synthetic_users, config.synthetic_items, config.synthetic_seed)
+    protocol = SplitProtocol(config.protocol, config.valid_cutoff, config.test_cutoff, config.target_behavior)
     return build_sequences(interactions, kcore=config.kcore, max_events_per_user=config.max_events_per_user,
-                           attributes_path=config.attributes)
+                           attributes_path=config.attributes, protocol=protocol)

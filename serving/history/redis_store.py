@@ -421,6 +421,28 @@ class RedisHistoryStore:
             members = self._client.zrevrange(f"{KEY_PREFIX}events:{user_id}", 0, limit - 1)
         return [_stored_event(member) for member in reversed(members)]
 
+    def last_sequence(self) -> int:
+        """The store-wide sequence number of the newest stored event (0 before the first): every event with a
+        smaller or equal number was written by then, since one script takes the numbers and writes the events."""
+        with self._unavailable_on_redis_errors():
+            return int(self._client.get(KEY_PREFIX + "seq") or 0)
+
+    def scan_users(self, scan_cursor: int, count: int) -> tuple[int, list[str]]:
+        """One SCAN step over the users holding events: (next cursor, 0 = done; their user ids).
+
+        SCAN's contract (https://redis.io/docs/latest/commands/scan/): a user present for the whole iteration is
+        returned at least once; one may be returned twice when Redis resizes its keyspace meanwhile."""
+        with self._unavailable_on_redis_errors():
+            next_cursor, keys = self._client.scan(scan_cursor, match=f"{KEY_PREFIX}events:*", count=count)
+        start = len(f"{KEY_PREFIX}events:")
+        return int(next_cursor), [key[start:] for key in keys]
+
+    def history(self, user_id: str) -> list[StoredEvent]:
+        """Every stored event of the user, oldest first (the store's (timestamp, seq) order)."""
+        with self._unavailable_on_redis_errors():
+            members = self._client.zrange(f"{KEY_PREFIX}events:{user_id}", 0, -1)
+        return [_stored_event(member) for member in members]
+
     def durability(self) -> Durability:
         """appendonly yes + appendfsync always = durable; CONFIG refused (managed Redis) or no answer = unknown."""
         try:

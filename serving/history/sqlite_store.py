@@ -281,6 +281,21 @@ class SQLiteHistoryStore:
             ).fetchall()
         return [StoredEvent(*row) for row in reversed(rows)]
 
+    def events_after(self, seq: int, limit: int) -> list[tuple[str, StoredEvent]]:
+        """Read-only export page: up to `limit` (user_id, event) rows with seq > `seq`, in seq (insertion) order.
+
+        Keyset pagination on the primary key. Writers hold the lock from the insert to the commit, so the rows a
+        reader sees always form a prefix of the seq order: a row committed later never has a smaller seq."""
+        if limit < 1:
+            raise ValueError(f"limit: must be >= 1, got {limit}")
+        with self._transaction(immediate=False) as connection:
+            rows = connection.execute(
+                "SELECT user_id, item_id, behavior, timestamp_ms, seq, COALESCE(event_id, '') FROM events "
+                "WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit),
+            ).fetchall()
+        return [(row[0], StoredEvent(*row[1:])) for row in rows]
+
     def write_items(self, changes: Sequence[ItemChange], idempotency_key: str | None = None) -> CatalogueWrite:
         now_s = self._now_ms() // MS_PER_S
         payload_sha256 = items_fingerprint(changes) if idempotency_key is not None else ""
