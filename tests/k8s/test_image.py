@@ -17,7 +17,7 @@ GENERATED = "seqrank/v1/ranking_pb2_grpc.py"  # protoc's package name is the ins
 
 
 def test_the_installed_package_imports_the_grpc_modules_outside_the_source_tree(tmp_path):
-    """What `pip install .` in the Dockerfile gives every Ray pod: the module Serve's proxies import at start."""
+    """What the Dockerfile's `pip install --no-deps .` gives every Ray pod: the module Serve's proxies import."""
     source, wheel_dir, target = tmp_path / "src", tmp_path / "wheel", tmp_path / "site"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):  # what the Dockerfile copies, built outside the checkout
@@ -43,14 +43,15 @@ def test_the_installed_package_imports_the_grpc_modules_outside_the_source_tree(
     assert result.stdout.strip().startswith(str(target))
 
 
-def test_dockerfile_pins_agree_with_setup_sh_and_the_rayservice():
+def test_dockerfile_pins_agree_with_the_locks_the_readme_and_the_rayservice():
+    """The image and scripts/setup.sh take torch and ray from scripts/lock/; the README and KubeRay must agree."""
     dockerfile = (K8S_DIR / "Dockerfile").read_text()
-    setup = (REPO_ROOT / "scripts" / "setup.sh").read_text()
-    docker_torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.MULTILINE).group(1)
-    setup_torch = re.search(r'SEQRANK_TORCH:-torch==([^}"]+)', setup).group(1)
-    assert docker_torch == setup_torch
+    locks = REPO_ROOT / "scripts" / "lock"
+    cpu_torch = re.search(r"^torch==(\S+)", (locks / "torch-cpu.txt").read_text(), re.MULTILINE).group(1)
+    assert f"`torch=={cpu_torch.split('+')[0]}`" in (REPO_ROOT / "README.md").read_text()
     rayservice = yaml.safe_load((K8S_DIR / "base" / "rayservice.yaml").read_text())
     assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
     assert f'"ray[serve]=={ray.__version__}"' in (REPO_ROOT / "pyproject.toml").read_text()
+    assert re.search(rf"^ray=={re.escape(ray.__version__)} ", (locks / "runtime.txt").read_text(), re.MULTILINE)
     # KubeRay's default probes run `wget ... | grep success` in bash; python:3.11-slim lacks wget.
     assert re.search(r"apt-get install .*\bwget\b", dockerfile)
