@@ -6,7 +6,9 @@ clients rejected together by a full queue come back spread out instead of in the
 What is retryable is the caller's rule, given as a predicate: `Rank` reads only, so it is always retried on
 UNAVAILABLE, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED; `RecordEvents` writes, so it is retried (UNAVAILABLE,
 RESOURCE_EXHAUSTED) only when it carries an idempotency key, the same on every attempt (serving/client/ranking_client.py).
-Pure: no gRPC here; the clock, the sleep and the random source come in as arguments.
+Pure: no gRPC here; the clock, the sleep and the random source come in as arguments. `on_retry` is how a caller
+sees retries: RankingClient counts them there (`retries`, and `seqrank_client_retries_total` by method and the
+status code that caused them, serving/client/metrics.py).
 """
 
 from __future__ import annotations

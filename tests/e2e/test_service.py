@@ -3,17 +3,22 @@ info, and the Prometheus export."""
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from seqrank.serving.metrics import ALL_METRICS, VERSION_RETRIES
+from seqrank.serving.metrics import (
+    ALL_METRICS,
+    ATTRIBUTED_EVENTS,
+    CANARY_PERCENT,
+    UNATTRIBUTED_EVENTS,
+    VERSION_RETRIES,
+)
 from seqrank.training.metrics import intra_list_diversity
 from seqrank.v1 import ranking_pb2 as pb
+from tests import exposition
 from tests.e2e.helpers import exact_ranking, random_history, trained_user_vector
 
 METRICS_DEADLINE_S = 90.0  # Serve pushes replica metrics about every 10 s
@@ -129,14 +134,8 @@ def test_model_info_matches_the_manifest(client, manifest):
 
 
 def scrape(url: str) -> dict[str, float]:
-    """Sum of each series over its labels, e.g. {"ray_seqrank_requests_total": 42.0}."""
-    totals: dict[str, float] = {}
-    with urllib.request.urlopen(url, timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)", line)
-            if match and not line.startswith("#"):
-                totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(2))
-    return totals
+    """Sum of each series over its labels, e.g. {"ray_seqrank_requests_total": 42.0} (prometheus_client's parser)."""
+    return exposition.totals(exposition.scrape(url))
 
 
 def test_prometheus_export_serves_the_documented_metrics(service, client, manifest, item_ids):
@@ -148,6 +147,8 @@ def test_prometheus_export_serves_the_documented_metrics(service, client, manife
     client.set_item_availability([item_ids[-1]], available=False)  # a catalogue change, undone at once
     client.set_item_availability([item_ids[-1]], available=True)
     expected = {spec.exported_name for spec in ALL_METRICS} - {VERSION_RETRIES.exported_name}  # rollouts only
+    # events naming a list and canaries: tests/e2e/test_attribution.py and test_canary.py
+    expected -= {ATTRIBUTED_EVENTS.exported_name, UNATTRIBUTED_EVENTS.exported_name, CANARY_PERCENT.exported_name}
     expected |= {"ray_serve_num_grpc_requests_total", "ray_serve_grpc_request_latency_ms_count"}
     deadline = time.monotonic() + METRICS_DEADLINE_S
     while True:
