@@ -6,6 +6,13 @@ Queries of concurrent requests run as one batched `knn_query`; by default the sa
 (`seqrank.serving.rerank.rerank`, a function call instead of another deployment hop). With `retrieval.num_shards` > 1
 the index lives in RetrievalShard deployments (serving/shards.py) and this stage asks each shard for the same
 over-fetch and merges, so exclusions and re-ranking work unchanged.
+
+Exact search (`retrieval.search`, `use_exact_search`): up to EXACT_SEARCH_MAX_ITEMS trained items the batch's
+queries are scored against every item vector in one float32 matrix product instead of the graph. It answers the
+same question as the index (the best `fetch` items by inner product, exclusions applied afterwards), so everything
+downstream is unchanged, with two differences that only make it more exact: with a transition prior the `fetch`
+items are chosen by inner product + the prior's term after the newest item (the offline score, training/evaluate.py)
+rather than by inner product alone, and ties go to the lower item index.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from seqrank.serving.batching import count_items, flatten, group_by_model, split
 from seqrank.serving.catalogue import Catalogue, History
 from seqrank.serving.config import RetrievalArgs
-from seqrank.serving.filtered_search import FilterPolicy, exact_top_k_allowed, filtered_top_k
+from seqrank.serving.filtered_search import FilterPolicy, filtered_top_k
 from seqrank.serving.history import HistoryConfig, open_history_store, resolve_history_url
 from seqrank.serving.live_catalogue import (
     BuiltOnce,
@@ -51,6 +58,29 @@ class Candidates:
 
 
 MAX_HIDDEN_AS_EXCLUSIONS = 1000  # more hidden items than this: a filtered search instead of over-fetching past them
+
+SEARCH_AUTO, SEARCH_EXACT, SEARCH_HNSW = "auto", "exact", "hnsw"  # `retrieval.search`
+# `retrieval.search: auto` scores exactly up to this many trained items, and searches the graph beyond. Measured
+# with `seqrank bench exact` (docs/benchmarks/retrieval.md, "Exact search against HNSW by catalogue size"): D = 256,
+# one thread, fetch 200, against hnswlib M = 32 at ef 200 (the export defaults). One query per call (a lone
+# request), exact search is as fast as the graph at 2,000 items (0.09-0.10 ms against 0.10-0.13 ms) and slower from
+# 3,000 on (0.16-0.20 against 0.10-0.16 ms); in batches of 16 it stays faster per query up to 5,000 generated and
+# past 12,000 trained item vectors, so this bound is where exact search wins for every batch size and recall is 1.
+EXACT_SEARCH_MAX_ITEMS = 2048
+EXACT_SCORE_BYTES = 1 << 26  # exact search scores at most this many bytes of (queries, items) at once
+
+
+def use_exact_search(search: str, num_items: int, sharded: bool = False) -> bool:
+    """Whether `retrieval.search` = `search` scores `num_items` trained items exactly. auto: exact up to
+    EXACT_SEARCH_MAX_ITEMS, never with shards (they exist because the index is large; `exact` still answers from the
+    merging replica's own item vectors, which it holds anyway)."""
+    if search == SEARCH_EXACT:
+        return True
+    if search == SEARCH_HNSW:
+        return False
+    if search == SEARCH_AUTO:
+        return not sharded and num_items <= EXACT_SEARCH_MAX_ITEMS
+    raise ValueError(f"retrieval.search: expected one of auto, exact, hnsw, got {search!r}")
 
 
 def fetch_size(k: int, num_excluded: int, num_items: int) -> int:
@@ -96,6 +126,79 @@ def filter_candidates(
     return Candidates(item_indices=labels[keep], scores=scores[keep])
 
 
+def exact_top_k(item_vectors: np.ndarray, queries: np.ndarray, fetch: int, num_items: int,
+                allowed: np.ndarray | None = None,
+                priors: list[tuple[np.ndarray, np.ndarray] | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The best `fetch` of items 1..num_items per query, exactly: (labels (B, f) int64, inner products (B, f) float64),
+    best first, f = min(fetch, allowed count).
+
+    item_vectors: (>= num_items + 1, D) float32, row 0 PAD; queries (B, D). allowed: (>= num_items + 1,) bool, one
+    mask for every query (None: all). priors: per query None or (items, terms): a term added to those items' scores
+    for choosing and ordering only (the transition prior after the newest item); the returned scores stay inner
+    products. One float32 matrix product per chunk of queries, argpartition, then the chosen ones sorted; ties go to
+    the lower label. Scores are float32 inner products (as precise as the index's), returned as float64.
+    """
+    if fetch < 1:
+        raise ValueError(f"fetch: must be >= 1, got {fetch}")
+    queries = np.asarray(queries, dtype=np.float32).reshape(-1, item_vectors.shape[1])
+    items = item_vectors[1:num_items + 1]  # (N, D) a view: row r is item r + 1
+    keep = None if allowed is None else np.asarray(allowed[1:num_items + 1], dtype=bool)
+    count = min(fetch, num_items if keep is None else int(np.count_nonzero(keep)))
+    labels = np.empty((len(queries), count), np.int64)
+    scores = np.empty((len(queries), count), np.float64)
+    if count == 0 or len(queries) == 0:
+        return labels, scores
+    chunk = max(1, EXACT_SCORE_BYTES // (4 * max(num_items, 1)))
+    hidden = None if keep is None or keep.all() else ~keep
+    for start in range(0, len(queries), chunk):
+        stop = min(start + chunk, len(queries))
+        block = queries[start:stop] @ items.T  # (b, N) float32
+        boosted = [] if priors is None else [(row, prior) for row, prior in enumerate(priors[start:stop])
+                                             if prior is not None and len(prior[0])]
+        selection = block.copy() if boosted else block  # what chooses and orders: with the prior's terms
+        for row, (successors, terms) in boosted:
+            selection[row, successors - 1] += terms
+        if hidden is not None:
+            selection[:, hidden] = -np.inf  # count <= allowed items: never chosen
+        if len(block) == 1:  # one query (a lone request): 1-D operations cost half as much as the 2-D ones
+            top = _best_positions_1d(selection[0], count)
+            labels[start], scores[start] = top + 1, block[0, top]
+            continue
+        top = _best_positions(selection, count)  # (b, count) positions, unordered
+        order = np.lexsort((top, -np.take_along_axis(selection, top, axis=1)), axis=-1)
+        top = np.take_along_axis(top, order, axis=1)
+        labels[start:stop], scores[start:stop] = top + 1, np.take_along_axis(block, top, axis=1)
+    return labels, scores
+
+
+def _best_positions_1d(scores: np.ndarray, count: int) -> np.ndarray:
+    """(n,) -> (count,) positions of the `count` largest, best first, ties to the lower position."""
+    n = len(scores)
+    if count >= n:
+        return np.argsort(-scores, kind="stable")
+    top = np.argpartition(scores, n - count)[n - count:]
+    chosen = scores[top]
+    if np.count_nonzero(scores >= chosen.min()) > count:  # ties at the cut: choose among them by position
+        top = np.argsort(-scores, kind="stable")[:count]
+        chosen = scores[top]
+    return top[np.lexsort((top, -chosen))]
+
+
+def _best_positions(scores: np.ndarray, count: int) -> np.ndarray:
+    """(b, n) -> (b, count) positions of the `count` largest per row (unordered); ties at the boundary go to the
+    lower position."""
+    n = scores.shape[1]
+    if count >= n:
+        return np.broadcast_to(np.arange(n), scores.shape).copy()
+    top = np.argpartition(scores, n - count, axis=1)[:, n - count:]
+    kth = np.take_along_axis(scores, top, axis=1).min(axis=1, keepdims=True)  # (b, 1) the count-th best score
+    # argpartition takes any of the scores tied with the count-th: a row with more such scores than places re-chooses
+    tied = np.flatnonzero(np.count_nonzero(scores >= kth, axis=1) > count)
+    if len(tied):
+        top[tied] = np.argsort(-scores[tied], axis=1, kind="stable")[:, :count]
+    return top
+
+
 def add_transition_prior(labels: np.ndarray, scores: np.ndarray, user_vector: np.ndarray, newest_item: int,
                          prior: TransitionPrior, item_vectors: np.ndarray, extra: int) -> tuple[np.ndarray, np.ndarray]:
     """The index's (labels, inner products) with the prior's term after `newest_item` added, re-sorted best first.
@@ -139,19 +242,25 @@ class LoadedIndex:
     # (raw id, attribute values) -> that upserted item's vector under this model: a catalogue change (a hide, one
     # more upsert) re-embeds only the items it touched, not every upserted item.
     placed: dict = field(default_factory=dict, repr=False, compare=False)
+    exact: bool = False  # unfiltered (and filtered) searches score item_vectors exactly instead of using the index
 
     @property
     def model_version(self) -> str:
         return self.catalogue.model_version
 
     @classmethod
-    def from_artifact(cls, artifact: Artifact, ef: int | None, sharded: bool = False) -> LoadedIndex:
+    def from_artifact(cls, artifact: Artifact, ef: int | None, sharded: bool = False,
+                      search: str = SEARCH_HNSW) -> LoadedIndex:
+        """`search`: `retrieval.search`, resolved here for this artifact's size (`use_exact_search`). The index is
+        loaded either way unless shards hold it (small where exact search is chosen by size, and `ef` stays
+        switchable)."""
         index = None
         if not sharded:
             index = artifact.load_index(ef)
             index.set_num_threads(1)  # one query row per request: batch rows are cheap, threads would contend
         return cls(catalogue=Catalogue.from_artifact(artifact), index=index, item_vectors=artifact.item_vectors,
-                   transitions=artifact.transitions, artifact=artifact)
+                   transitions=artifact.transitions, artifact=artifact,
+                   exact=use_exact_search(search, artifact.num_items, sharded))
 
 
 @dataclass(frozen=True)
@@ -230,7 +339,8 @@ class RetrievalStage:
         self._views = ViewCache()
         self._live_indexes: BuiltOnce[tuple[str, int], LiveIndex] = BuiltOnce()
         self.models: ModelSlot[LoadedIndex] = ModelSlot(
-            owner, lambda artifact: LoadedIndex.from_artifact(artifact, args.ef, sharded=shards is not None),
+            owner, lambda artifact: LoadedIndex.from_artifact(artifact, args.ef, sharded=shards is not None,
+                                                              search=args.search),
             metrics.observe_reload,
         )
 
@@ -271,8 +381,12 @@ class RetrievalStage:
         plain = [position for position, search in enumerate(searches) if not self._searched_alone(search, results,
                                                                                                      position)]
         for loaded, positions, vectors, fetch in _model_groups(searches, plain):
-            labels, distances = loaded.index.knn_query(vectors, k=fetch)  # (b, fetch), best first
-            _assign(results, searches, positions, labels, ip_scores(distances))
+            if loaded.exact:
+                labels, scores = self._exact(searches, positions, vectors, fetch)
+            else:
+                labels, distances = loaded.index.knn_query(vectors, k=fetch)  # (b, fetch), best first
+                scores = ip_scores(distances)
+            _assign(results, searches, positions, labels, scores)
         return results
 
     async def search_async(self, searches: list[IndexSearch]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -284,9 +398,28 @@ class RetrievalStage:
         plain = [position for position, search in enumerate(searches) if not self._searched_alone(search, results,
                                                                                                      position)]
         for loaded, positions, vectors, fetch in _model_groups(searches, plain):
-            labels, scores = await self._shards.knn(loaded.model_version, vectors, fetch)  # (b, fetch)
+            if loaded.exact:  # `retrieval.search: exact`: this replica holds every item vector, the shards' answer
+                labels, scores = self._exact(searches, positions, vectors, fetch)
+            else:
+                labels, scores = await self._shards.knn(loaded.model_version, vectors, fetch)  # (b, fetch)
             _assign(results, searches, positions, labels, scores)
         return results
+
+    def _exact(self, searches: list[IndexSearch], positions: list[int], vectors: np.ndarray,
+               fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """`exact_top_k` for one model version's queries, each with its prior after its newest item."""
+        live = searches[positions[0]].live
+        return exact_top_k(live.loaded.item_vectors, vectors, fetch, live.num_trained,
+                           priors=[self._prior_of(searches[p]) for p in positions])
+
+    @staticmethod
+    def _prior_of(search: IndexSearch) -> tuple[np.ndarray, np.ndarray] | None:
+        """The transition prior's (successors, terms) after the request's newest item, when it applies."""
+        prior = search.loaded.transitions
+        if prior is None or not prior.weight or not len(search.history_items) or \
+                search.history_items[-1] > search.live.num_trained:
+            return None
+        return prior.successors_of(int(search.history_items[-1]))
 
     def _searched_alone(self, search: IndexSearch, results: list, position: int) -> bool:
         """Answers a request that needs no shared knn_query (caller candidates, a filter); False for the rest."""
@@ -301,9 +434,10 @@ class RetrievalStage:
         k = min(search.num_candidates, int(allowed.sum()))
         if k == 0:
             results[position] = (np.zeros(0, np.int64), np.zeros(0))
-        elif search.loaded.index is None:  # sharded: the vectors are here, the index is not; exact is exact
-            labels, scores = exact_top_k_allowed(live.loaded.item_vectors, search.user_vector[None, :], k, allowed)
-            results[position] = (labels[0].astype(np.int64), scores[0].astype(np.float64))
+        elif search.loaded.exact or search.loaded.index is None:  # sharded: the vectors are here, the index not
+            labels, scores = exact_top_k(live.loaded.item_vectors, search.user_vector[None, :], k, live.num_trained,
+                                         allowed, [self._prior_of(search)])
+            results[position] = (labels[0], scores[0])
         else:
             ef = self._ef or search.loaded.artifact.index_params.ef_search
             labels, scores = filtered_top_k(search.loaded.index, live.loaded.item_vectors, search.user_vector[None, :],
