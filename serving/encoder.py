@@ -4,10 +4,11 @@
 ingress batch; `@serve.batch` merges calls that arrive together), or in the ingress replica itself
 (`encoder.placement: ingress`, serving/config.py).
 
-The model and the history -> vector step come from training/model.py (`load_encoder`, `encode_histories`),
-so padding and truncation to the model's max_len are the trained ones. A replica given a GPU (`num_gpus` in
-the Serve config) runs on it, with bf16 weights for a wide model (`encoder.gpu_precision`); otherwise on CPU in
-fp32 with as many torch threads as it has CPUs.
+The model and the history -> vector step come from training/model.py (`load_encoder`, `pad_histories`),
+so padding and truncation to the model's max_len are the trained ones; the forward pass runs by the path
+`encoder.inference` names (serving/inference.py: eager, fused, compile, onnx; built and checked against eager
+at load). A replica given a GPU (`num_gpus` in the Serve config) runs on it, with bf16 weights for a wide model
+(`encoder.gpu_precision`); otherwise on CPU in fp32 with as many torch (and onnxruntime) threads as it has CPUs.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from seqrank.serving.batching import count_items, flatten, group_by_model, split
 from seqrank.serving.catalogue import Catalogue
 from seqrank.serving.config import EncoderArgs
 from seqrank.serving.errors import Unavailable
+from seqrank.serving.inference import InferencePath, build_inference, encode_with
 from seqrank.serving.messages import EncodedUser, EncodeRequest
 from seqrank.serving.metrics import STAGE_ENCODE, ServingMetrics
 from seqrank.serving.reload import ModelSlot
 from seqrank.training.artifact import Artifact
-from seqrank.training.model import SequenceEncoder, encode_histories, load_encoder
+from seqrank.training.model import SequenceEncoder, load_encoder
 
 logger = logging.getLogger(f"ray.serve.{__name__}")
 
@@ -66,6 +68,7 @@ def torch_threads(assigned_cpus: float) -> int:
 class LoadedEncoder:
     catalogue: Catalogue
     model: SequenceEncoder  # eval mode, on the replica's device
+    inference: InferencePath  # how its forward pass runs (encoder.inference)
 
     @property
     def model_version(self) -> str:
@@ -86,9 +89,12 @@ class EncoderStage:
     threads follow the replica's CPUs, and a replica given a GPU uses it.
     """
 
-    def __init__(self, metrics: ServingMetrics, owner: str = "encoder", gpu_precision: str = "auto") -> None:
+    def __init__(self, metrics: ServingMetrics, owner: str = "encoder", gpu_precision: str = "auto",
+                 inference: str = "auto") -> None:
         resources = ray.get_runtime_context().get_assigned_resources()
-        torch.set_num_threads(torch_threads(resources.get("CPU", 1.0)))
+        self._threads = torch_threads(resources.get("CPU", 1.0))
+        torch.set_num_threads(self._threads)
+        self._inference = inference
         self._placement = choose_placement(torch.cuda.is_available(), len(ray.get_gpu_ids()), gpu_precision)
         logger.info("%s on %s (precision %s), %d torch threads",
                     owner, self._placement.device, self._placement.gpu_precision, torch.get_num_threads())
@@ -100,7 +106,8 @@ class EncoderStage:
         dtype = weight_dtype(self._placement, model.config.hidden_size)
         if dtype is not None:
             model = model.to(dtype)
-        return LoadedEncoder(catalogue=Catalogue.from_artifact(artifact), model=model)
+        inference = build_inference(model, self._inference, self._threads)  # falls back to eager, logged
+        return LoadedEncoder(catalogue=Catalogue.from_artifact(artifact), model=model, inference=inference)
 
     def prepare(self, request: EncodeRequest) -> PreparedHistory:
         """Resolves the model version (VersionUnavailable) and the history's indices; runs before batching."""
@@ -124,7 +131,8 @@ class EncoderStage:
     def _forward(self, batch: list[PreparedHistory]) -> list[np.ndarray]:
         vectors: list[np.ndarray] = [None] * len(batch)  # type: ignore[list-item]
         for loaded, positions in group_by_model(batch, lambda prepared: prepared.loaded):
-            user_vectors = encode_histories(
+            user_vectors = encode_with(
+                loaded.inference.user_vectors,
                 loaded.model,
                 [batch[p].items for p in positions],
                 [batch[p].behaviors for p in positions],
@@ -146,7 +154,7 @@ class Encoder:
     `@serve.batch` merges the calls (each an ingress batch) that arrive together."""
 
     def __init__(self, args: EncoderArgs) -> None:
-        self._stage = EncoderStage(ServingMetrics(), gpu_precision=args.gpu_precision)
+        self._stage = EncoderStage(ServingMetrics(), gpu_precision=args.gpu_precision, inference=args.inference)
         self._encode_batch.set_max_batch_size(args.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
