@@ -47,6 +47,13 @@ class EncoderArgs(Section):
     # faster in bf16 than in fp32 at batch 1024 and 1.2x faster than under bf16 autocast; width 64 is bound by
     # kernel launches, where bf16 only adds casts (fp32 1.7x faster). CPU replicas always run fp32.
     gpu_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # How the forward pass runs (serving/inference.py): eager (the model's own forward, tower after tower), fused
+    # (all towers in one stacked pass, the last layer at the newest position only), compile (torch.compile, ~30 s+ per
+    # replica start), onnx (the fused pass in onnxruntime on the replica's CPUs). auto: onnx on a CPU (fused where
+    # onnxruntime is missing), eager on a GPU, where only eager and compile run. Measured on the committed recipe
+    # (docs/benchmarks/encoder.md, "Inference paths on CPU-2"): batch 1 6.4x faster in onnx than eager. A path
+    # that fails to build, or whose vectors differ from eager's, is logged and the replica serves eager.
+    inference: Literal["auto", "eager", "fused", "compile", "onnx"] = "auto"
 
 
 class RetrievalArgs(Section):
@@ -54,6 +61,11 @@ class RetrievalArgs(Section):
     # one hop fewer (measured on 2 cores: Rank p50 -30 %, throughput +10 %), the index then in every ingress replica.
     placement: Literal["ingress", "deployment"] = OWN_DEPLOYMENT
     ef: int | None = Field(None, ge=1)  # hnswlib query beam; None = the artifact's ef_search (manifest)
+    # How the unfiltered top-k over the trained items is found: exact (one float32 matrix product over every item
+    # vector, then argpartition: recall 1), hnsw (the artifact's hnswlib index at `ef`), or auto: exact up to
+    # seqrank.serving.retrieval.EXACT_SEARCH_MAX_ITEMS items, where it is as fast as the beam or faster
+    # (docs/benchmarks/retrieval.md, "Exact search against HNSW by catalogue size"), hnsw beyond and with shards.
+    search: Literal["auto", "exact", "hnsw"] = "auto"
     # With an artifact that has an item-to-item transition prior (training/transitions.py): how many of the newest
     # history item's most frequent successors join the index's candidates before the prior re-scores them all.
     transition_candidates: int = Field(50, ge=0)
@@ -80,6 +92,16 @@ class RerankArgs(Section):
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
 
 
+class AttributionArgs(Section):
+    # Online quality (serving/attribution.py): each ingress replica remembers which items every Rank list showed,
+    # at which positions, under which model version, keyed by the response's request_id, so that a RecordEvents
+    # event naming that id (Event.list_request_id) counts as a hit at its position or a miss. Bounded both ways:
+    # a list is forgotten after ttl_s or when max_lists newer ones arrived (least recently shown first). About
+    # 1.5 KB per list of 10 items: 100000 lists ~ 150 MB at worst. max_lists 0 turns attribution off.
+    ttl_s: float = Field(1800.0, gt=0.0, le=86_400.0)
+    max_lists: int = Field(100_000, ge=0, le=10_000_000)
+
+
 class IngressArgs(Section):
     # A user with neither stored history nor inline events gets the artifact's most popular items minus the
     # exclusions (history_source FALLBACK) under "popular", NOT_FOUND naming user_id under "not_found".
@@ -93,6 +115,7 @@ class IngressArgs(Section):
     # Bearer tokens required on every RankingService call (Health Check exempt): "" = off, `env:NAME` or
     # `file:/path` (serving/auth.py), resolved in the replica so the tokens never enter the Serve config.
     auth: AuthConfig = AuthConfig()
+    attribution: AttributionArgs = AttributionArgs()
 
 
 class LocalArgs(Section):
@@ -131,6 +154,17 @@ class ModelUserConfig(Section):
     """`user_config` of every deployment that serves the model; changing it reloads in place (`reconfigure`)."""
 
     artifact_path: str = Field(min_length=1)  # a local directory written by `seqrank export`
+    # Canary (serving/canary.py): a second artifact served next to artifact_path to canary_percent of the users,
+    # chosen by a stable hash of the user id (a user stays on one version). None: one version. `seqrank canary`
+    # edits these three fields; 100 serves everyone the canary, `promote` then makes it the artifact_path.
+    canary_artifact_path: str | None = Field(None, min_length=1)
+    canary_percent: float = Field(0.0, ge=0.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _percent_needs_canary(self) -> "ModelUserConfig":
+        if self.canary_percent > 0 and self.canary_artifact_path is None:
+            raise ValueError(f"canary_percent: {self.canary_percent} needs canary_artifact_path")
+        return self
 
     @classmethod
     def parse(cls, user_config: Mapping[str, Any] | None) -> ModelUserConfig:

@@ -28,6 +28,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from seqrank.serving import health
+from seqrank.serving.attribution import ListMemory
 from seqrank.serving.auth import authenticator
 from seqrank.serving.batching import SlotBatcher
 from seqrank.serving.catalogue import Catalogue, History
@@ -153,6 +154,7 @@ class RankWork:
     history: History
     exclude_item_ids: tuple[str, ...]  # raw ids of the known excluded items
     catalogue_version: int = 0  # the live catalogue the request was validated against
+    model_version: str | None = None  # a canary's version for its users (serving/canary.py); None = current
 
 
 @dataclass(frozen=True)
@@ -363,7 +365,8 @@ class RankingIngress:
             # Imported here, at replica start, so that an ingress with an Encoder deployment never loads torch.
             from seqrank.serving.encoder import EncoderStage
 
-            self._local_encoder = EncoderStage(self._metrics, "ingress encoder", encoder_args.gpu_precision)
+            self._local_encoder = EncoderStage(self._metrics, "ingress encoder", encoder_args.gpu_precision,
+                                               encoder_args.inference)
             self._encoder: EncoderStage | RemoteEncoder = self._local_encoder
         else:
             self._encoder = RemoteEncoder(encoder)
@@ -389,6 +392,7 @@ class RankingIngress:
             "ingress", Catalogue.from_artifact, self._metrics.observe_reload
         )
         self._batcher = SlotBatcher(self._rank_batch, args.max_batch_size, args.max_concurrent_batches)
+        self._lists = ListMemory(args.attribution)  # shown lists, for RecordEvents' list_request_id
 
     def reconfigure(self, user_config: dict) -> None:
         # Sync: Serve runs it in a worker thread while requests continue. Each slot keeps its old version if its
@@ -397,6 +401,9 @@ class RankingIngress:
             if stage is not None:
                 stage.models.reload(user_config)
         self._catalogues.reload(user_config)
+        loaded = self._catalogues.loaded
+        self._metrics.observe_canary(loaded.canary.model_version if loaded.canary is not None else None,
+                                     loaded.canary_percent)
 
     def check_health(self) -> None:
         self._catalogues.loaded  # raise until an artifact is loaded
@@ -412,9 +419,9 @@ class RankingIngress:
         if store is not None:
             store.close()
 
-    def _view(self) -> CatalogueView:
-        """The current model version through the live catalogue as this replica knows it."""
-        return self._views.view(self._catalogues.current, self._live.current)
+    def _view(self, catalogue: Catalogue | None = None) -> CatalogueView:
+        """`catalogue` (default: the current model version) through the live catalogue as this replica knows it."""
+        return self._views.view(catalogue or self._catalogues.current, self._live.current)
 
     async def _refresh(self) -> None:
         """Reads the catalogue changes this replica has not polled yet (another replica may just have taken one)."""
@@ -452,19 +459,25 @@ class RankingIngress:
         """One Rank: validate, history, then the fallback list or the model stages (batched with its peers)."""
         clock = StageClock(self._metrics)
         await self._catch_up(request.min_catalogue_version)  # read-your-writes; the field is validated below
-        view = self._view()
-        catalogue = view.base
+        loaded = self._catalogues.loaded  # one read: a reload cannot split the choice below
+        catalogue = loaded.for_user(request.user_id)  # the canary's for its users (serving/canary.py)
+        pinned = catalogue.model_version if catalogue is loaded.canary else None  # None: the stages' current
+        view = self._view(catalogue)
         query = validate_rank_request(request, self._args.limits, view.item_index_of, catalogue.behavior_names)
         user = await clock.time(STAGE_HISTORY, self._user_history(query, catalogue))
         if user.source in FALLBACK_SOURCES:
             ranked = clock.run(STAGE_FALLBACK, fallback_list, view, query)
         else:
             excluded_ids = tuple(view.item_ids[sorted(query.exclude_item_indices)])
-            outcome = await self._batcher.submit(RankWork(query, user.history, excluded_ids, view.live_version))
+            outcome = await self._batcher.submit(RankWork(query, user.history, excluded_ids, view.live_version,
+                                                          pinned))
             clock.extend(outcome.stages)
             ranked = outcome.ranked
         response = rank_response(ranked, query.request_id or uuid.uuid4().hex, user.source, clock,
                                  query.unknown_candidate_ids)
+        if self._lists.enabled:
+            self._lists.remember(response.request_id, ranked.model_version, [item.item_id for item in ranked.items])
+            self._metrics.observe_list_shown(ranked.model_version)
         logger.debug("Rank %s user %r: %s, %d items, %.1f ms", response.request_id, query.user_id,
                      ranked.model_version, len(ranked.items), response.timings[-1].ms)
         return response
@@ -505,6 +518,8 @@ class RankingIngress:
         batch = await self._with_fresh_catalogue(lambda view: validate_record_events_request(
             request, self._args.limits, view.item_index_of, view.base.behavior_names))
         result = await self._store.append(batch.users, batch.idempotency_key)  # durable once it returns
+        if batch.list_events and not result.idempotent_replay:  # a replayed call was counted the first time
+            self._metrics.observe_attributions(*self._lists.attribute(batch.list_events))
         return ranking_pb2.RecordEventsResponse(
             accepted=result.accepted, stored=result.stored, duplicates_ignored=result.duplicates_ignored,
             idempotent_replay=result.idempotent_replay,
@@ -558,8 +573,14 @@ class RankingIngress:
     async def _encode_and_retrieve(self, works: list[RankWork]) -> list[RankOutcome]:
         self._metrics.observe_batch(STAGE_RANK, len(works))
         stages: list[tuple[str, float]] = []
-        encode = [EncodeRequest(work.history) for work in works]
-        encoded = await timed(stages, STAGE_ENCODE, self._encoder.encode(encode))
+        encode = [EncodeRequest(work.history, model_version=work.model_version) for work in works]
+        try:
+            encoded = await timed(stages, STAGE_ENCODE, self._encoder.encode(encode))
+        except VersionUnavailable as error:  # a canary the encoder does not hold (not yet, or no longer)
+            self._metrics.observe_version_retry(len(works))
+            encode = [replace(request, model_version=None) if request.model_version == error.requested else request
+                      for request in encode]  # the encoder's current version; the response names it
+            encoded = await timed(stages, STAGE_ENCODE, self._encoder.encode(encode))
         try:
             ranked = await timed(stages, STAGE_RETRIEVE, self._retrieve(works, encoded))
         except VersionUnavailable as error:  # mid-rollout: the encoder reloaded before retrieval did

@@ -11,10 +11,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 from ray.serve import metrics as serve_metrics
 
+from seqrank.serving.attribution import Attribution
 from seqrank.serving.errors import RpcOutcome
 
 RAY_PREFIX = "ray_"
@@ -101,9 +102,32 @@ CATALOGUE_CHANGES = MetricSpec(
     "Live catalogue changes acknowledged by this ingress, by kind: created and updated (UpsertItems), hidden and "
     "restored (SetItemAvailability, items whose availability changed).", ("kind",),
 )
+# Online quality (serving/attribution.py): lists shown and the events that name them (Event.list_request_id).
+LISTS_SHOWN = MetricSpec(
+    "seqrank_lists_shown", "counter",
+    "Rank lists this ingress answered and remembers for attribution, by the model version that produced them.",
+    ("model_version",),
+)
+ATTRIBUTED_EVENTS = MetricSpec(
+    "seqrank_attributed_events", "counter",
+    "RecordEvents events naming a list this ingress remembers, by the list's model version, the item's position "
+    "bucket on it (1, 2-3, 4-10, 11+; miss: not on the list) and the behaviour (unspecified for \"\").",
+    ("model_version", "position_bucket", "behavior"),
+)
+UNATTRIBUTED_EVENTS = MetricSpec(
+    "seqrank_unattributed_events", "counter",
+    "RecordEvents events naming a list this ingress does not remember (served by another replica, expired, "
+    "evicted or never served): stored, not counted.",
+)
+CANARY_PERCENT = MetricSpec(
+    "seqrank_canary_percent", "gauge",
+    "Share of users (percent) routed to the canary model version a replica holds; absent without a canary.",
+    ("model_version",),
+)
 ALL_METRICS = (
     REQUESTS, REQUEST_LATENCY, STAGE_LATENCY, BATCH_SIZE, CANDIDATES, FILTERED, HISTORY_LENGTH, MODEL_INFO,
-    RELOADS, VERSION_RETRIES, HISTORY_DURABLE, CATALOGUE_CHANGES,
+    RELOADS, VERSION_RETRIES, HISTORY_DURABLE, CATALOGUE_CHANGES, LISTS_SHOWN, ATTRIBUTED_EVENTS,
+    UNATTRIBUTED_EVENTS, CANARY_PERCENT,
 )
 
 
@@ -123,6 +147,7 @@ class ServingMetrics:
         self._serving_version: str | None = None
         self._durability: tuple[str, float] | None = None  # (backend, gauge value) once checked
         self._refresher: threading.Thread | None = None
+        self._canary: tuple[str, float] | None = None  # (canary version, percent) while one is served
 
     def observe_rpc(self, outcome: RpcOutcome) -> None:
         self._metrics[REQUESTS.name].inc(tags={"method": outcome.method, "code": outcome.code.name})
@@ -147,6 +172,26 @@ class ServingMetrics:
     def observe_catalogue(self, kind: str, count: int) -> None:
         if count:
             self._metrics[CATALOGUE_CHANGES.name].inc(count, tags={"kind": kind})
+
+    def observe_list_shown(self, model_version: str) -> None:
+        self._metrics[LISTS_SHOWN.name].inc(tags={"model_version": model_version})
+
+    def observe_attributions(self, attributions: Sequence[Attribution], unknown: int) -> None:
+        for attribution in attributions:
+            self._metrics[ATTRIBUTED_EVENTS.name].inc(tags={
+                "model_version": attribution.model_version, "position_bucket": attribution.position_bucket,
+                "behavior": attribution.behavior})
+        if unknown:
+            self._metrics[UNATTRIBUTED_EVENTS.name].inc(unknown)
+
+    def observe_canary(self, model_version: str | None, percent: float) -> None:
+        """The canary a replica serves after a reload (None: none); the old canary's gauge drops to 0."""
+        if self._canary is not None and self._canary[0] != model_version:
+            self._metrics[CANARY_PERCENT.name].set(0, tags={"model_version": self._canary[0]})
+        self._canary = None if model_version is None else (model_version, percent)
+        if self._canary is not None:
+            self._metrics[CANARY_PERCENT.name].set(percent, tags={"model_version": model_version})
+            self._start_refresher()
 
     def observe_durability(self, backend: str, durable: bool | None) -> None:
         self._durability = (backend, -1.0 if durable is None else float(durable))
@@ -175,6 +220,9 @@ class ServingMetrics:
             time.sleep(MODEL_INFO_REFRESH_S)
             if self._serving_version is not None:
                 self._metrics[MODEL_INFO.name].set(1, tags={"model_version": self._serving_version})
+            canary = self._canary
+            if canary is not None:
+                self._metrics[CANARY_PERCENT.name].set(canary[1], tags={"model_version": canary[0]})
             if self._durability is not None:
                 backend, value = self._durability
                 self._metrics[HISTORY_DURABLE.name].set(value, tags={"backend": backend})

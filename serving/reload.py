@@ -18,11 +18,24 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Mapping, Protocol, TypeVar
 
+from seqrank.serving.canary import in_canary
 from seqrank.serving.config import ModelUserConfig
 from seqrank.serving.errors import Unavailable
 from seqrank.training.artifact import Artifact, load_artifact
 
 logger = logging.getLogger(f"ray.serve.{__name__}")  # into Serve's replica logs
+
+
+def _dropped(old: Loaded[ModelT] | None, current: ModelT, canary: ModelT | None) -> ModelT | None:
+    """The version to keep for requests in flight: the newest one this reload stops serving (the old current,
+    else the old canary), else the previous one kept before."""
+    if old is None:
+        return None
+    serving = {current.model_version} | ({canary.model_version} if canary is not None else set())
+    for model in (old.current, old.canary, old.previous):
+        if model is not None and model.model_version not in serving:
+            return model
+    return None
 
 
 class VersionUnavailable(Unavailable):
@@ -47,17 +60,24 @@ ModelT = TypeVar("ModelT", bound=Versioned)
 
 @dataclass(frozen=True)
 class Loaded(Generic[ModelT]):
-    """What a replica serves: the current version and the one it replaced (None before the first reload)."""
+    """What a replica serves: the current version, the canary served to `canary_percent` of the users beside it
+    (serving/canary.py), and the version last dropped (None before the first reload), kept for requests in flight."""
 
     current: ModelT
     previous: ModelT | None
+    canary: ModelT | None = None
+    canary_percent: float = 0.0
 
     @property
     def versions(self) -> tuple[str, ...]:
-        """Held model versions, newest first."""
-        if self.previous is None:
-            return (self.current.model_version,)
-        return self.current.model_version, self.previous.model_version
+        """Held model versions: the current one first, then the canary, then the previous one."""
+        return tuple(model.model_version for model in (self.current, self.canary, self.previous) if model is not None)
+
+    def for_user(self, user_id: str) -> ModelT:
+        """The model that serves `user_id`: the canary for the users its percentage picks, else the current one."""
+        if self.canary is not None and in_canary(user_id, self.canary_percent):
+            return self.canary
+        return self.current
 
 
 class ModelSlot(Generic[ModelT]):
@@ -92,20 +112,28 @@ class ModelSlot(Generic[ModelT]):
 
     def resolve(self, model_version: str | None) -> ModelT:
         """The held model of that version, or the current one for None; raises VersionUnavailable."""
-        loaded = self.loaded  # one read: the rest of the request sees one consistent pair
+        loaded = self.loaded  # one read: the rest of the request sees one consistent set
         if model_version is None or model_version == loaded.current.model_version:
             return loaded.current
-        if loaded.previous is not None and loaded.previous.model_version == model_version:
-            return loaded.previous
+        for model in (loaded.canary, loaded.previous):
+            if model is not None and model.model_version == model_version:
+                return model
         raise VersionUnavailable(model_version, loaded.versions)
 
     def reload(self, user_config: Mapping[str, Any] | None) -> None:
-        """Loads and builds the artifact named in `user_config`, then swaps it in."""
+        """Loads and builds the artifacts named in `user_config` (current and canary), then swaps them in. A version
+        this slot already holds is reused, not rebuilt: setting a canary's percentage, promoting it or rolling
+        it back loads nothing."""
         with self._reload_lock:
             old = self._loaded
             try:
                 config = ModelUserConfig.parse(user_config)
-                new = self._build(load_artifact(config.artifact_path))
+                new = self._load(config.artifact_path, old)
+                canary = None
+                if config.canary_artifact_path is not None:
+                    canary = self._load(config.canary_artifact_path, old)
+                    if canary.model_version == new.model_version:
+                        canary = None  # the canary is the current version: one version served
             except Exception:
                 if old is None:
                     raise  # nothing to keep serving: fail the replica's start, loudly
@@ -117,13 +145,21 @@ class ModelSlot(Generic[ModelT]):
                 )
                 self._notify("failed", old.current.model_version, None)
                 return
-            if old is not None and old.current.model_version == new.model_version:
-                loaded = Loaded(current=new, previous=old.previous)  # same version re-applied: no rollout
-            else:
-                loaded = Loaded(current=new, previous=old.current if old is not None else None)
+            loaded = Loaded(current=new, previous=_dropped(old, new, canary), canary=canary,
+                            canary_percent=config.canary_percent if canary is not None else 0.0)
             self._loaded = loaded  # the swap
-            logger.info("%s: serving %s (also holding %s)", self._owner, new.model_version, loaded.versions[1:])
+            logger.info("%s: serving %s (canary %s at %s %%; also holding %s)", self._owner, new.model_version,
+                        canary.model_version if canary is not None else None, loaded.canary_percent,
+                        loaded.previous.model_version if loaded.previous is not None else None)
             self._notify("ok", old.current.model_version if old is not None else None, new.model_version)
+
+    def _load(self, artifact_path: str, old: Loaded[ModelT] | None) -> ModelT:
+        artifact = load_artifact(artifact_path)  # verified, so a corrupted copy of a held version is still refused
+        held = () if old is None else (old.current, old.canary, old.previous)
+        for model in held:
+            if model is not None and model.model_version == artifact.model_version:
+                return model
+        return self._build(artifact)
 
     def _notify(self, outcome: str, old_version: str | None, new_version: str | None) -> None:
         if self._on_reload is not None:

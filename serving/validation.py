@@ -8,6 +8,7 @@ fix the request from the message alone. Pure functions: the model's vocabulary c
 from __future__ import annotations
 
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -83,11 +84,21 @@ class RankQuery:
 
 
 @dataclass(frozen=True)
+class ListEvent:
+    """A validated event that names the Rank list it follows (`Event.list_request_id`; serving/attribution.py)."""
+
+    list_request_id: str
+    raw_item_id: str
+    behavior: str  # behaviour name; "" = unspecified
+
+
+@dataclass(frozen=True)
 class EventBatch:
     """A validated RecordEventsRequest."""
 
     users: tuple[UserEvents, ...]
     idempotency_key: str | None
+    list_events: tuple[ListEvent, ...] = ()  # the events with a list_request_id, in request order
 
     @property
     def num_events(self) -> int:
@@ -114,6 +125,17 @@ def _check_id(field: str, value: str, limits: Limits, required: bool = True) -> 
         raise InvalidArgument(field, f"must be at most {limits.max_id_length} characters, got {len(value)}")
 
 
+def _check_list_request_id(field: str, value: str, limits: Limits) -> None:
+    """Optional; at most max_id_length characters, printable: no Unicode category C (control, format, surrogate,
+    private use, unassigned) and no separator Z other than the ASCII space (log lines and label-free ids)."""
+    _check_id(field, value, limits, required=False)
+    for position, char in enumerate(value):
+        category = unicodedata.category(char)
+        if category[0] == "C" or (category[0] == "Z" and char != " "):
+            raise InvalidArgument(field, f"must be printable (no control, format or separator characters besides "
+                                         f"the space), got {char!r} (U+{ord(char):04X}) at character {position}")
+
+
 def _check_event(
     field: str,
     event: ranking_pb2.Event,
@@ -138,6 +160,7 @@ def _check_event(
                                       f"{limits.max_future_s} s), got {timestamp_s}"
             )
     _check_id(f"{field}.event_id", event.event_id, limits, required=False)
+    _check_list_request_id(f"{field}.list_request_id", event.list_request_id, limits)
     return Event(raw_item_id=event.item_id, behavior=event.behavior, timestamp_s=timestamp_s, event_id=event.event_id)
 
 
@@ -305,4 +328,6 @@ def validate_record_events_request(
         _check_count(f"users[{i}].events", len(user.events), limits.max_events_per_call, minimum=1)
         events = _check_events(f"users[{i}].events", user.events, limits, item_index_of, behavior_names, now_s)
         users.append(UserEvents(user_id=user.user_id, events=events))
-    return EventBatch(users=tuple(users), idempotency_key=request.idempotency_key or None)
+    list_events = tuple(ListEvent(sent.list_request_id, sent.item_id, sent.behavior)
+                        for user in request.users for sent in user.events if sent.list_request_id)
+    return EventBatch(users=tuple(users), idempotency_key=request.idempotency_key or None, list_events=list_events)

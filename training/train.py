@@ -8,6 +8,9 @@ final metrics. The run directory's files are named and written by `run_dir.py`; 
 The same loop runs data-parallel under Ray Train (`distributed.backend: ray`, training/distributed.py): there it is
 given a `Worker` that shards the batches, wraps the objective in DDP and averages the logged loss; evaluation,
 early stopping and every file of the run directory stay on rank 0, which tells the others when to stop.
+
+Progress goes to the console (tqdm) and, when `fit` is given a `ProgressHook`, to that hook: the CLI's
+`--metrics-port` / `--metrics-textfile` pass training/progress_metrics.py's Prometheus reporter (local backend only).
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from seqrank.training import run_dir as run_files
+from seqrank.training import warm_start
 from seqrank.training.batches import causal_train_batches, masked_train_batches, next_item_masked_batches
 from seqrank.training.config import TrainConfig
 from seqrank.training.data import SequenceData
@@ -59,6 +65,31 @@ class TrainingRun:
     amp_dtype: torch.dtype | None
     rng: np.random.Generator
     valid_users: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class EpochProgress:
+    """An epoch's end as the chief saw it, after validation: what a `ProgressHook` is told."""
+
+    epoch: int
+    max_epochs: int  # optim.max_epochs: no epoch past it
+    loss: float  # the epoch's mean training loss
+    valid_ndcg_at_10: float  # this epoch's validation NDCG@10 (SELECTION_METRIC)
+    best_valid_ndcg_at_10: float
+    best_epoch: int
+    elapsed_seconds: float  # since the first epoch began
+    stopping: bool  # no epoch follows: patience ran out or max_epochs was reached
+
+
+class ProgressHook(Protocol):
+    """Told how a run advances, on the chief only (training/progress_metrics.py exports it to Prometheus). Called on
+    the training thread, so each method must be quick (`step_done` runs once per optimizer step)."""
+
+    def step_done(self) -> None: ...
+
+    def epoch_done(self, progress: EpochProgress) -> None: ...
+
+    def run_done(self, result: run_files.FitResult) -> None: ...
 
 
 @dataclass
@@ -118,18 +149,28 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def prepare_run(config: TrainConfig, run_dir: Path, data: SequenceData | None, worker: Worker) -> TrainingRun:
-    """Seeds, device, data, the run directory's metadata, the model and its training step."""
+def prepare_run(config: TrainConfig, run_dir: Path, data: SequenceData | None, worker: Worker,
+                init_from: str | Path | None = None) -> TrainingRun:
+    """Seeds, device, data, the run directory's metadata, the model and its training step; `init_from` (a run
+    directory or an artifact) warm-starts the model from it (training/warm_start.py)."""
     seed_everything(config.optim.seed)
     if config.optim.num_threads:
         torch.set_num_threads(config.optim.num_threads)
     device = worker.device or resolve_device(config.optim.device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" and config.optim.bf16 else None
     data = data if data is not None else load_sequences(config.data)
+    parent = warm_start.load_parent(init_from, config.data.attributes) if init_from else None
+    if parent is not None:  # the union vocabulary: the parent's items absent from this data are kept
+        data = warm_start.data_for_parent(data, parent, config.data.attributes)
     if worker.is_chief:
         run_files.write_run_metadata(run_dir, config, data, item_popularity(data, "test"))  # cold-start fallback
+        if parent is not None:
+            run_files.write_parent(run_dir, parent.record())
 
-    model = build_encoder(encoder_config_for(config, data), data.item_attributes).to(device)
+    model = build_encoder(encoder_config_for(config, data), data.item_attributes)
+    if parent is not None:
+        warm_start.initialise_from_parent(model, data, parent, config.data.attributes)
+    model = model.to(device)
     optimizers = build_optimizers(model, config.optim)
     total_steps = steps_per_epoch(training_samples(data, config), config.optim.batch_size, worker.shard) \
         * config.optim.max_epochs
@@ -159,7 +200,8 @@ def epoch_batches(run: TrainingRun, epoch: int):
                                 run.rng, shard, order_rng)
 
 
-def train_epoch(run: TrainingRun, epoch: int, progress: bool) -> tuple[float, float]:
+def train_epoch(run: TrainingRun, epoch: int, progress: bool,
+                hook: ProgressHook | None = None) -> tuple[float, float]:
     """One pass over the training batches; returns (mean loss over the workers, seconds)."""
     run.step.objective.train()
     started, total_loss, steps = time.perf_counter(), 0.0, 0
@@ -167,6 +209,8 @@ def train_epoch(run: TrainingRun, epoch: int, progress: bool) -> tuple[float, fl
                       disable=not (progress and run.worker.is_chief)):
         total_loss = total_loss + run.step(batch)
         steps += 1
+        if hook is not None:
+            hook.step_done()
     return run.worker.mean(float(total_loss) / max(steps, 1)), time.perf_counter() - started  # one device wait
 
 
@@ -191,16 +235,28 @@ def validate_epoch(run: TrainingRun, history: TrainingHistory, epoch: int, loss:
     return epoch - history.best_epoch >= run.config.optim.patience
 
 
-def train_until_stopped(run: TrainingRun, progress: bool) -> TrainingHistory:
+def epoch_progress(run: TrainingRun, history: TrainingHistory, stop: bool) -> EpochProgress:
+    """The hook's view of the epoch `validate_epoch` just recorded."""
+    record, max_epochs = history.epochs[-1], run.config.optim.max_epochs
+    return EpochProgress(epoch=record["epoch"], max_epochs=max_epochs, loss=record["loss"],
+                         valid_ndcg_at_10=record["valid"][SELECTION_METRIC], best_valid_ndcg_at_10=history.best_score,
+                         best_epoch=history.best_epoch, elapsed_seconds=record["elapsed_seconds"],
+                         stopping=stop or record["epoch"] >= max_epochs)
+
+
+def train_until_stopped(run: TrainingRun, progress: bool, hook: ProgressHook | None = None) -> TrainingHistory:
     """Epochs until validation stops improving for optim.patience epochs (or optim.max_epochs)."""
     history = TrainingHistory()
     metrics_log = run_files.open_metrics_log(run.run_dir) if run.worker.is_chief else None
+    hook = hook if run.worker.is_chief else None
     try:
         for epoch in range(1, run.config.optim.max_epochs + 1):
             epoch_started = time.perf_counter()
-            loss, train_seconds = train_epoch(run, epoch, progress)
+            loss, train_seconds = train_epoch(run, epoch, progress, hook)
             stop = run.worker.is_chief and validate_epoch(run, history, epoch, loss, train_seconds, epoch_started,
                                                           metrics_log, progress)
+            if hook is not None:
+                hook.epoch_done(epoch_progress(run, history, stop))
             if run.worker.chief_decides(stop):
                 break
     finally:
@@ -230,23 +286,30 @@ def evaluate_best(run: TrainingRun, history: TrainingHistory) -> run_files.FitRe
 
 
 def fit(config: TrainConfig, run_dir: str | Path, data: SequenceData | None = None, progress: bool = True,
-        worker: Worker | None = None) -> run_files.FitResult | None:
+        worker: Worker | None = None, hook: ProgressHook | None = None,
+        init_from: str | Path | None = None) -> run_files.FitResult | None:
     """Train, keep the best checkpoint by validation NDCG@10, evaluate it on test; returns the chief's result.
 
     distributed.backend=ray hands the run to Ray Train, whose workers call back into this function with their
-    `Worker`; non-chief workers return None.
+    `Worker`; non-chief workers return None. `hook` is told of each step, epoch and the finished run. `init_from`:
+    warm start from that run directory or artifact (training/warm_start.py).
     """
+    if hook is not None and config.distributed.backend == "ray":
+        # The chief runs in a Ray Train worker process, maybe on another node: a hook of this process never sees it.
+        raise ValueError("progress metrics need distributed.backend: local (with ray the chief is a Train worker)")
     if worker is None and config.distributed.backend == "ray":
         from seqrank.training.distributed import fit_with_ray  # imports Ray only when asked for
 
-        return fit_with_ray(config, run_dir, data, progress, train_worker=fit)
-    run = prepare_run(config, Path(run_dir), data, worker or Worker())
-    history = train_until_stopped(run, progress)
+        return fit_with_ray(config, run_dir, data, progress, train_worker=partial(fit, init_from=init_from))
+    run = prepare_run(config, Path(run_dir), data, worker or Worker(), init_from)
+    history = train_until_stopped(run, progress, hook)
     if not run.worker.is_chief:
         return None
     plot_curves(history.epochs, run.run_dir / run_files.CURVES_FILE)
     result = evaluate_best(run, history)
     run_files.write_final_metrics(run.run_dir, result.valid, {**result.test, **result.summary()})
+    if hook is not None:
+        hook.run_done(result)
     return result
 
 

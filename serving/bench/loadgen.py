@@ -195,6 +195,8 @@ def build_echo_app(args: dict | None = None):
     @serve.deployment(name="Echo", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0.1})
     class Echo:
         async def Rank(self, request, grpc_context):
+            if isinstance(request, bytes):  # seqrank's servicer functions pass the request bytes (serving/servicers.py)
+                request = ranking_pb2.RankRequest.FromString(request)
             return ranking_pb2.RankResponse(request_id=request.request_id)
 
     return Echo.bind()
@@ -232,10 +234,11 @@ def rank_request(artifact_path: Path):
 
 
 def grpc_caller_factory(target: str, app_name: str, request, retry: RetryPolicy = NO_RETRY,
-                        retries: list | None = None) -> Callable[[], Caller]:
+                        retries: list | None = None, users: int = 1) -> Callable[[], Caller]:
     """Each call of the factory opens its own channel; the caller sends `request` to `app_name`'s Rank, retried
     like the client retries Rank (serving/client/ranking_client.py); each retry appends its status code name to `retries`.
-    A measured latency includes the retries of its request; an error is counted once all attempts failed."""
+    A measured latency includes the retries of its request; an error is counted once all attempts failed. `users` > 1:
+    the calls cycle through that many user ids (built once, so the loop copies nothing), e.g. to spread a canary."""
     import random
 
     import grpc
@@ -254,9 +257,13 @@ def grpc_caller_factory(target: str, app_name: str, request, retry: RetryPolicy 
         channel = grpc.insecure_channel(target)
         stub = ranking_pb2_grpc.RankingServiceStub(channel)
         rng = random.Random()
+        requests = [request] if users == 1 else [with_user(request, f"bench-{n}") for n in range(users)]
+        sent = [0]
 
         def call(timeout_s: float):
-            return call_with_retry(lambda: stub.Rank(request, timeout=timeout_s, metadata=metadata), retry,
+            next_request = requests[sent[0] % len(requests)]
+            sent[0] += 1
+            return call_with_retry(lambda: stub.Rank(next_request, timeout=timeout_s, metadata=metadata), retry,
                                    retryable, rng, on_retry=count)
 
         call.close = channel.close
@@ -265,22 +272,51 @@ def grpc_caller_factory(target: str, app_name: str, request, retry: RetryPolicy 
     return new_caller
 
 
+def with_user(request, user_id: str):
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.user_id = user_id
+    return copy
+
+
+def replica_rss_mb(dashboard_url: str, app_name: str, deployment: str) -> float:
+    """Resident memory of the deployment's running replicas on this machine, mean over replicas, in MiB (VmRSS of
+    /proc/<pid>/status: Linux; NaN elsewhere)."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    details = ServeSubmissionClient(dashboard_url).get_serve_details()
+    replicas = details["applications"][app_name]["deployments"][deployment]["replicas"]
+    rss_kib = []
+    for replica in replicas:
+        status = Path(f"/proc/{replica.get('pid')}/status")
+        if replica["state"] == "RUNNING" and status.is_file():
+            line = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+            rss_kib.append(int(line.split()[1]))
+    return statistics.fmean(rss_kib) / 1024 if rss_kib else float("nan")
+
+
+CANARY_USERS = 256  # distinct user ids per caller when a canary splits them
+
+
 def response_timings(response) -> dict[str, float]:
     return {timing.stage: timing.ms for timing in response.timings}
 
 
 def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: list[int], seconds: float,
-                warmup_requests: int = DEFAULT_WARMUP_REQUESTS, retry: RetryPolicy = RetryPolicy()) -> dict:
+                warmup_requests: int = DEFAULT_WARMUP_REQUESTS, retry: RetryPolicy = RetryPolicy(),
+                canary_artifact: str | Path | None = None, canary_percent: float = 50.0) -> dict:
     """Starts local Ray + Serve on free ports with the seqrank app (from `serve_config`) and the echo app,
     measures echo then Rank at each concurrency (retrying like the client), shuts Ray down; returns a
-    JSON-ready dict."""
+    JSON-ready dict. With `canary_artifact`: Rank runs first with one version and attribution off, then (the config
+    applied in place, same cluster) as `rank+canary` with the canary serving `canary_percent` of the users and
+    attribution on; both Rank runs spread CANARY_USERS user ids, and each records the ingress replicas' memory."""
     import copy
 
     import ray
     from ray import serve
 
     from seqrank.serving.ops.deploy import localize, preflight, start_local, submit, wait_until_running
-    from seqrank.serving.ops.serve_config_check import application
+    from seqrank.serving.ops.serve_config_check import INGRESS_DEPLOYMENT, application
 
     with tempfile.TemporaryDirectory(prefix="seqrank-bench-") as tmp:
         if artifact is None:
@@ -294,6 +330,8 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
         app["logging_config"] = {"enable_access_log": False}
         config.setdefault("grpc_options", {})["port"] = grpc_port = free_port()
         config.setdefault("http_options", {})["port"] = free_port()
+        if canary_artifact is not None:  # the baseline: one version, attribution off
+            app["args"]["ingress"]["attribution"] = {"max_lists": 0}
         config = localize(config, artifact_path=artifact)
         app_args = preflight(config)  # the seqrank app alone, strictly, before anything starts
         request = rank_request(Path(artifact))
@@ -307,18 +345,57 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
                 wait_until_running(dashboard_url, name, DEPLOY_TIMEOUT_S)
             target = f"127.0.0.1:{grpc_port}"
             runs = []
+            users = CANARY_USERS if canary_artifact is not None else 1
+            memory_mb = {}
+
+            def measure(label: str, name: str, concurrency: int, observe) -> None:
+                logger.info("%s at concurrency %d for %.0f s", label, concurrency, seconds)
+                retries: list[str] = []
+                result = run_closed_loop(grpc_caller_factory(target, name, request, retry, retries,
+                                                             users if name != ECHO_APP else 1),
+                                         concurrency, seconds, warmup_requests, observe)
+                runs.append({"target": label, "concurrency": concurrency, **asdict(result.stats),
+                             "retries": dict(Counter(retries)), "stage_ms": result.stage_ms})
+
             for concurrency in concurrencies:
                 for label, name, observe in (("echo", ECHO_APP, None), ("rank", app["name"], response_timings)):
-                    logger.info("%s at concurrency %d for %.0f s", label, concurrency, seconds)
-                    retries: list[str] = []
-                    result = run_closed_loop(grpc_caller_factory(target, name, request, retry, retries),
-                                             concurrency, seconds, warmup_requests, observe)
-                    runs.append({"target": label, "concurrency": concurrency, **asdict(result.stats),
-                                 "retries": dict(Counter(retries)), "stage_ms": result.stage_ms})
+                    measure(label, name, concurrency, observe)
+            if canary_artifact is not None:
+                memory_mb["rank"] = replica_rss_mb(dashboard_url, app["name"], INGRESS_DEPLOYMENT)
+                from seqrank.serving.canary import with_canary
+                from seqrank.serving.ops.serve_config_check import is_model_deployment
+
+                canary_config = with_canary(config, is_model_deployment, canary_percent,
+                                            str(Path(canary_artifact).resolve()))
+                application(canary_config)["args"]["ingress"]["attribution"] = {}  # the defaults: on
+                preflight(canary_config)
+                both_canary = copy.deepcopy(canary_config)
+                both_canary["applications"].append(echo_application())
+                submit(both_canary, dashboard_url)
+                wait_until_running(dashboard_url, app["name"], DEPLOY_TIMEOUT_S)
+                wait_for_canary(target, app["name"], request, users)
+                for concurrency in concurrencies:
+                    measure("rank+canary", app["name"], concurrency, response_timings)
+                memory_mb["rank+canary"] = replica_rss_mb(dashboard_url, app["name"], INGRESS_DEPLOYMENT)
         finally:
             serve.shutdown()
             ray.shutdown()
-    return {"seconds": seconds, "rank_events": RANK_EVENTS, "k": RANK_K, "artifact": str(artifact), "runs": runs}
+    return {"seconds": seconds, "rank_events": RANK_EVENTS, "k": RANK_K, "artifact": str(artifact), "runs": runs,
+            **({"canary_artifact": str(canary_artifact), "canary_percent": canary_percent,
+                "ingress_rss_mb": memory_mb} if canary_artifact is not None else {})}
+
+
+def wait_for_canary(target: str, app_name: str, request, users: int, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
+    """Until the spread user ids get two model versions back (a config applied with new `args` replaces replicas)."""
+    caller = grpc_caller_factory(target, app_name, request, users=users)()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if len({caller(DEFAULT_REQUEST_TIMEOUT_S).model_version for _ in range(64)}) == 2:
+                return
+        raise TimeoutError(f"no second model version after {timeout_s:.0f} s")
+    finally:
+        caller.close()
 
 
 def free_port() -> int:
@@ -354,6 +431,8 @@ def format_report(report: dict) -> str:
             errors += " (retried: " + ", ".join(f"{code} {n}" for code, n in run["retries"].items()) + ")"
         lines.append(f"{run['target']:<7}{run['concurrency']:>5}{run['p50_ms']:>9.2f}{run['p90_ms']:>9.2f}"
                      f"{run['p99_ms']:>9.2f}{run['max_ms']:>9.2f}{run['requests_per_s']:>9.1f}  {errors}")
+    for label, mb in report.get("ingress_rss_mb", {}).items():
+        lines.append(f"ingress replica memory with {label}: {mb:.0f} MiB (RSS)")
     lines += ["", "Rank/echo  conc    p50    p99  req/s"]
     lines += [f"{'':<9}{r['concurrency']:>6}{r['p50_ms']:>7.2f}{r['p99_ms']:>7.2f}{r['requests_per_s']:>7.2f}"
               for r in ratios(runs)]

@@ -19,6 +19,10 @@ def add_bench_commands(sub) -> None:
     serve.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="default: %(default)s")
     serve.add_argument("--seconds", type=float, default=10.0, help="per target and concurrency")
     serve.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    serve.add_argument("--canary-artifact", default=None,
+                       help="also measure Rank with this second version served as a canary and attribution on, "
+                            "in the same cluster after the baseline (which then runs with attribution off)")
+    serve.add_argument("--canary-percent", type=float, default=50.0, help="with --canary-artifact (default: 50)")
     serve.set_defaults(func=cmd_bench_serve)
 
     catalogue = bench.add_parser("catalogue", help="live catalogue freshness across two ingress replicas, and "
@@ -60,6 +64,23 @@ def add_bench_commands(sub) -> None:
     run.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     run.set_defaults(func=cmd_bench_new_items_run)
 
+    retraining = bench.add_parser("retraining", help="daily warm starts (train --init-from on the newest day) "
+                                                     "against full retrains: time and next-day NDCG@10")
+    retraining.add_argument("--data", required=True, help="a Taobao UserBehavior file (user,item,category,behavior,"
+                                                          "timestamp), e.g. the prefix in ../shared/data")
+    retraining.add_argument("--out", default="runs/retraining", help="work directory (default: %(default)s)")
+    retraining.add_argument("--days", type=int, default=3, help="last days evaluated (default: %(default)s)")
+    retraining.add_argument("--min-item-events", type=int, default=3,
+                            help="drop items with fewer events in the whole log first (default: %(default)s)")
+    retraining.add_argument("--window-days", type=int, default=1,
+                            help="days of events a warm start trains on (default: %(default)s)")
+    retraining.add_argument("--set", dest="recipe", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                            help="added to both arms' recipe (serving/bench/retraining.py RECIPE)")
+    retraining.add_argument("--warm-set", dest="warm", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                            help="added to the warm starts' settings (WARM)")
+    retraining.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    retraining.set_defaults(func=cmd_bench_retraining)
+
     ann = bench.add_parser("ann", help="HNSW (hnswlib, Faiss) against exact inner-product search: recall@10/100, "
                                        "queries/s on one thread, build time, index memory; table, JSON and PNG")
     ann.add_argument("--artifact", default=None, help="use the artifact's trained item vectors (queries: its "
@@ -80,6 +101,34 @@ def add_bench_commands(sub) -> None:
     ann.add_argument("--seed", type=int, default=0)
     ann.add_argument("--out", default="runs/bench-ann", help="directory for ann.json and ann.png (default: %(default)s)")
     ann.set_defaults(func=cmd_bench_ann)
+
+    exact = bench.add_parser("exact", help="serving's exact search against its hnswlib index by catalogue size: ms "
+                                           "per query one at a time and batched, recall@100, what "
+                                           "retrieval.search: auto picks; the transition prior's cost")
+    exact.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 5000, 8000, 12000, 50000, 200000],
+                       help="generated catalogue sizes (default: %(default)s)")
+    exact.add_argument("--dim", type=int, default=256, help="(default: %(default)s, the committed recipe's)")
+    exact.add_argument("--artifact", default=None, help="also measure this artifact's item vectors with its "
+                                                        "encoder's user vectors (and its prior, if any)")
+    exact.add_argument("--artifact-sizes", type=int, nargs="*", default=[1000, 2000, 5000, 8000],
+                       help="with --artifact: also random subsets of its items of these sizes, each with an index "
+                            "built like the export's (default: %(default)s)")
+    exact.add_argument("--queries", type=int, default=1000, help="held-out queries (default: %(default)s)")
+    exact.add_argument("-k", type=int, default=200, help="items asked for: retrieval's fetch (default: %(default)s,"
+                                                         " the default candidate pool)")
+    exact.add_argument("--batch", type=int, default=16, help="queries per batched call (default: %(default)s, "
+                                                             "ingress.max_batch_size)")
+    exact.add_argument("--m", type=int, default=32, help="HNSW M (default: %(default)s, the export's)")
+    exact.add_argument("--ef-construction", type=int, default=200, help="(default: %(default)s)")
+    exact.add_argument("--ef", type=int, default=200, help="query beam (default: %(default)s, the export's)")
+    exact.add_argument("--transition-candidates", type=int, default=50, help="(default: %(default)s)")
+    exact.add_argument("--build-threads", type=int, default=1, help="threads for index builds (default: "
+                                                                    "%(default)s); searches always use one")
+    exact.add_argument("--repeats", type=int, default=3, help="timed passes, best kept (default: %(default)s)")
+    exact.add_argument("--seed", type=int, default=0)
+    exact.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON (rewritten "
+                                                                   "after each row)")
+    exact.set_defaults(func=cmd_bench_exact)
 
     filtered = bench.add_parser("filtered", help="filtered top-k (exact for narrow filters, filtered HNSW for wide "
                                                  "ones) against exact filtered search: recall@10, ms per query on "
@@ -136,7 +185,8 @@ def add_bench_commands(sub) -> None:
     train.set_defaults(func=cmd_bench_train)
 
     encoder = bench.add_parser("encoder", help="encode_histories latency and sequences/s per batch size, model, "
-                                               "device and dtype, with FLOPs per sequence")
+                                               "device and dtype, with FLOPs per sequence; with --paths: the "
+                                               "serving inference paths side by side")
     encoder.add_argument("--models", nargs="+", default=["default", "large"], choices=["default", "large"])
     encoder.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
                          help="default: cpu, and cuda when torch sees a GPU")
@@ -144,7 +194,8 @@ def add_bench_commands(sub) -> None:
                          help="fp32; bf16 autocast over fp32 weights; bf16w: weights cast to bf16, no autocast")
     encoder.add_argument("--compile", default="", choices=COMPILE_MODES,
                          help="torch.compile mode for the encoder's forward (default: eager)")
-    encoder.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
+    encoder.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                         help="default: 1 8 64 256 1024; with --paths: 1 16 (the ingress batch at 16 clients)")
     encoder.add_argument("--seconds", type=float, default=2.0, help="timed seconds per cell (at least 3 calls)")
     encoder.add_argument("--max-call-seconds", type=float, default=5.0,
                          help="skip a cell whose estimated single call takes longer (default: %(default)s)")
@@ -152,6 +203,12 @@ def add_bench_commands(sub) -> None:
                          help="also time a large square matmul per device and dtype: the achieved peak rate")
     encoder.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     encoder.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    encoder.add_argument("--paths", nargs="+", default=None, choices=["eager", "fused", "compile", "onnx"],
+                         help="time these encoder.inference paths (serving/inference.py) on CPU instead, side by side")
+    encoder.add_argument("--artifact", default=None, help="--paths: the artifact's encoder and item popularity "
+                                                          "(default: the committed recipe's architecture, random)")
+    encoder.add_argument("--path-threads", type=int, nargs="+", default=[1],
+                         help="--paths: torch and onnxruntime threads, one table block each (default: %(default)s)")
     encoder.set_defaults(func=cmd_bench_encoder)
 
 
@@ -161,7 +218,8 @@ def cmd_bench_serve(args) -> int:
     from seqrank.serving.ops.deploy import read_serve_config
 
     config = read_serve_config(args.config or SERVE_CONFIG_PATH)
-    report = bench_serve(config, args.artifact, args.concurrency, args.seconds)
+    report = bench_serve(config, args.artifact, args.concurrency, args.seconds,
+                         canary_artifact=args.canary_artifact, canary_percent=args.canary_percent)
     print(format_report(report))
     write_json_report(args.json, report)
     return 0
@@ -189,6 +247,8 @@ def cmd_bench_encoder(args) -> int:
 
     from seqrank.serving.bench.train_speed import DTYPES, bench_encoder, format_encoder_table, matmul_peak
 
+    if args.paths:
+        return _bench_encoder_paths(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -196,8 +256,8 @@ def cmd_bench_encoder(args) -> int:
         raise ValueError("--devices cuda: torch.cuda.is_available() is False")
     matmul_dtypes = {DTYPES[t]: t for t in reversed(args.dtypes)}.values()  # bf16w's matmuls are bf16's (first name kept)
     peaks = {(d, t): matmul_peak(d, t) for d in devices for t in matmul_dtypes} if args.matmul_peak else {}
-    rows = bench_encoder(args.models, devices, args.dtypes, args.batch_sizes, args.seconds, args.max_call_seconds,
-                         peaks, compile_mode=args.compile)
+    rows = bench_encoder(args.models, devices, args.dtypes, args.batch_sizes or [1, 8, 64, 256, 1024], args.seconds,
+                         args.max_call_seconds, peaks, compile_mode=args.compile)
     print(format_encoder_table(rows, peaks))
     if args.json:
         report = {"rows": [asdict(r) for r in rows],
@@ -205,6 +265,30 @@ def cmd_bench_encoder(args) -> int:
                   "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
         write_json_report(args.json, report)
+    return 0
+
+
+def _bench_encoder_paths(args) -> int:
+    from dataclasses import asdict
+
+    import torch
+
+    from seqrank.serving.bench.encoder_paths import (
+        artifact_model,
+        bench_encoder_paths,
+        format_paths_table,
+        recipe_model,
+    )
+
+    model, popularity = artifact_model(args.artifact) if args.artifact else recipe_model()
+    rows = bench_encoder_paths(model, popularity, args.paths, args.path_threads, args.batch_sizes or [1, 16],
+                               args.seconds)
+    source = args.artifact or "the committed recipe's architecture, random weights"
+    print(f"encoder: {source}; towers {list(model.config.towers) or [model.config.backbone]}, histories of 20-50 "
+          f"events; torch {torch.__version__}")
+    print(format_paths_table(rows))
+    write_json_report(args.json, {"rows": [asdict(r) for r in rows], "artifact": args.artifact,
+                                  "torch": torch.__version__})
     return 0
 
 
@@ -292,4 +376,31 @@ def cmd_bench_filtered(args) -> int:
     print("\n".join(report["target"]))
     if args.json:
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench_exact(args) -> int:
+    from seqrank.serving.bench.exact_vs_hnsw import PriorCost, Row, bench_exact, format_priors, format_rows
+
+    report = bench_exact(sizes=args.sizes, dim=args.dim, num_queries=args.queries, k=args.k, batch=args.batch,
+                         M=args.m, ef_construction=args.ef_construction, ef=args.ef,
+                         build_threads=args.build_threads, repeats=args.repeats, seed=args.seed,
+                         artifact=args.artifact, artifact_sizes=tuple(args.artifact_sizes),
+                         transition_candidates=args.transition_candidates,
+                         on_row=lambda partial: write_json_report(args.json, partial))
+    print(f"{report['queries']} queries, k={report['k']}, M={report['M']}, ef_construction="
+          f"{report['ef_construction']}, ef={report['ef']}; searches on one thread, builds on "
+          f"{report['build_threads']}")
+    print(format_rows([Row(**row) for row in report["rows"]]))
+    print(format_priors([PriorCost(**prior) for prior in report["prior"]]))
+    return 0
+
+
+def cmd_bench_retraining(args) -> int:
+    from seqrank.serving.bench.retraining import RECIPE, WARM, bench_retraining, format_table, report
+
+    results = bench_retraining(args.data, args.out, days=args.days, window_days=args.window_days,
+                               recipe=RECIPE + args.recipe, warm=WARM + args.warm, min_item_events=args.min_item_events)
+    print(format_table(results))
+    write_json_report(args.json, report(results))
     return 0

@@ -33,8 +33,10 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from seqrank.serving.auth import AUTHORIZATION_METADATA_KEY, BEARER_SCHEME
+from seqrank.serving.client.metrics import ClientMetrics, client_metrics
 from seqrank.serving.client.retry import RetryPolicy, call_with_retry
 from seqrank.serving.history.events import Event
 from seqrank.v1 import ranking_pb2, ranking_pb2_grpc
@@ -220,6 +222,10 @@ class RankingClient:
       new ones instead of sharing those of older channels to the same address, so even through a ClusterIP Service
       kube-proxy may pick another pod. None (default) = never.
     - `clock`: monotonic seconds, for the age (a seam for tests).
+
+    `metrics`: a `prometheus_client.CollectorRegistry` (or a `ClientMetrics` built on one) to record each call's
+    latency, outcome and retries in (serving/client/metrics.py, docs/metrics.md "Client library"); None (default)
+    records nothing.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, application: str | None = None,
@@ -228,7 +234,8 @@ class RankingClient:
                  load_balancing: str | None = None, keepalive_time_s: float | None = None,
                  keepalive_timeout_s: float | None = None, keepalive_permit_without_calls: bool = False,
                  max_connection_age_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 metrics: ClientMetrics | CollectorRegistry | None = None) -> None:
         if max_connection_age_s is not None and not max_connection_age_s > 0:
             raise ValueError(f"max_connection_age_s: must be > 0 or None, got {max_connection_age_s}")
         self.target = target
@@ -258,6 +265,7 @@ class RankingClient:
         self._retry = retry
         self._rng = rng or random.Random()
         self.retries = 0  # retries made so far, all calls together
+        self._metrics = client_metrics(metrics)
 
     def _open(self) -> _Channel:
         """A new channel (not yet used); its name is resolved afresh when it first connects."""
@@ -313,14 +321,19 @@ class RankingClient:
         finally:
             self._release(used)
 
-    def _call(self, call: Callable[[_Channel], T], codes: frozenset[grpc.StatusCode] | None) -> T:
+    def _call(self, call: Callable[[_Channel], T], codes: frozenset[grpc.StatusCode] | None, *, method: str) -> T:
         """`call(channel)` with this client's retry policy; codes None = a single attempt. Each attempt takes the
-        channel of its time (a retry may go over a re-created one)."""
+        channel of its time (a retry may go over a re-created one). `method`: the RPC's name, for the metrics."""
         def count(retry: int, error: BaseException, backoff_s: float) -> None:
             self.retries += 1
+            if self._metrics is not None:
+                self._metrics.observe_retry(method, error)
+
+        def attempts() -> T:
+            return call_with_retry(lambda: self._attempt(call), self._retry, retryable, self._rng, on_retry=count)
 
         retryable = retryable_codes(codes) if codes else never
-        return call_with_retry(lambda: self._attempt(call), self._retry, retryable, self._rng, on_retry=count)
+        return attempts() if self._metrics is None else self._metrics.timed(method, attempts)
 
     def __enter__(self) -> RankingClient:
         return self
@@ -347,7 +360,7 @@ class RankingClient:
         """Many users in one call (build each with `rank_request`); each result carries its own status."""
         request = ranking_pb2.RankBatchRequest(requests=list(requests))
         return self._call(lambda c: c.ranking.RankBatch(request, timeout=self._timeout_s, metadata=self._metadata),
-                          RETRYABLE_READS)
+                          RETRYABLE_READS, method="RankBatch")
 
     def upsert_items(self, attributes_by_item: Mapping[str, Sequence[str]],
                      idempotency_key: str | None = None) -> ranking_pb2.UpsertItemsResponse:
@@ -358,7 +371,7 @@ class RankingClient:
                    for item, values in attributes_by_item.items()],
             idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key)
         return self._call(lambda c: c.ranking.UpsertItems(request, timeout=self._timeout_s, metadata=self._metadata),
-                          RETRYABLE if request.idempotency_key else None)
+                          RETRYABLE if request.idempotency_key else None, method="UpsertItems")
 
     def set_item_availability(self, item_ids: Sequence[str], available: bool,
                               idempotency_key: str | None = None) -> ranking_pb2.SetItemAvailabilityResponse:
@@ -368,13 +381,13 @@ class RankingClient:
             idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key)
         return self._call(lambda c: c.ranking.SetItemAvailability(request, timeout=self._timeout_s,
                                                                   metadata=self._metadata),
-                          RETRYABLE if request.idempotency_key else None)
+                          RETRYABLE if request.idempotency_key else None, method="SetItemAvailability")
 
 
 
     def send_rank(self, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
         return self._call(lambda c: c.ranking.Rank(request, timeout=self._timeout_s, metadata=self._metadata),
-                          RETRYABLE_READS)
+                          RETRYABLE_READS, method="Rank")
 
     def record(
         self, events_by_user: Mapping[str, Iterable[Event]], idempotency_key: str | None = None
@@ -388,20 +401,35 @@ class RankingClient:
         )
         return self.send_record(request)
 
+    def record_after_list(
+        self, user_id: str, list_request_id: str, events: Iterable[Event], idempotency_key: str | None = None
+    ) -> ranking_pb2.RecordEventsResponse:
+        """`record` for one user's events that follow the Rank list whose RankResponse.request_id is
+        `list_request_id`: stored alike, and counted per model version as hits or misses of that list
+        (Event.list_request_id; docs/metrics.md, "Online quality")."""
+        messages = [event_message(e) for e in events]
+        for message in messages:
+            message.list_request_id = list_request_id
+        request = ranking_pb2.RecordEventsRequest(
+            users=[ranking_pb2.UserEvents(user_id=user_id, events=messages)],
+            idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key,
+        )
+        return self.send_record(request)
+
     def send_record(self, request: ranking_pb2.RecordEventsRequest) -> ranking_pb2.RecordEventsResponse:
         """Retried only when `request` carries an idempotency key: a retry without one could store it twice."""
         return self._call(lambda c: c.ranking.RecordEvents(request, timeout=self._timeout_s,
                                                            metadata=self._metadata),
-                          RETRYABLE if request.idempotency_key else None)
+                          RETRYABLE if request.idempotency_key else None, method="RecordEvents")
 
     def model_info(self) -> ranking_pb2.GetModelInfoResponse:
         return self._call(lambda c: c.ranking.GetModelInfo(ranking_pb2.GetModelInfoRequest(),
                                                            timeout=self._timeout_s, metadata=self._metadata),
-                          RETRYABLE_READS)
+                          RETRYABLE_READS, method="GetModelInfo")
 
     def health(self, service: str = "") -> int:
         """health_pb2.HealthCheckResponse status (SERVING = 1) of the server ("") or a named service; never
         retried (a probe wants the answer of now)."""
         request = health_pb2.HealthCheckRequest(service=service)
-        return self._attempt(lambda c: c.health.Check(request, timeout=self._timeout_s,
-                                                      metadata=self._metadata)).status
+        return self._call(lambda c: c.health.Check(request, timeout=self._timeout_s, metadata=self._metadata),
+                          None, method="Check").status

@@ -49,8 +49,8 @@ def read_serve_config(path: str | Path = SERVE_CONFIG_PATH) -> dict:
 
 
 def localize(config: dict, *, artifact_path: str | Path | None = None, base_dir: Path | None = None) -> dict:
-    """A copy with `artifact_path` set on every model deployment, relative paths made absolute, and the
-    retrieval shards planned for the artifact (`plan_shards`).
+    """A copy with `artifact_path` set on every model deployment, relative paths (a canary's too) made absolute,
+    and the retrieval shards planned for the artifact (`plan_shards`).
 
     Replicas do not share the caller's working directory, so `artifacts/current` and `sqlite:///x.db` are
     resolved against `base_dir` (default: the current directory).
@@ -65,6 +65,9 @@ def localize(config: dict, *, artifact_path: str | Path | None = None, base_dir:
         path = artifact_path if artifact_path is not None else user_config.get("artifact_path")
         if path is not None:
             user_config["artifact_path"] = str((base_dir / path).resolve())
+        canary_path = user_config.get("canary_artifact_path")
+        if isinstance(canary_path, str) and canary_path:
+            user_config["canary_artifact_path"] = str((base_dir / canary_path).resolve())
     history = app.get("args", {}).get("ingress", {}).get("history", {})
     url = history.get("url")
     if isinstance(url, str) and url.startswith(SQLITE_URL_PREFIX) and not url.startswith(SQLITE_URL_PREFIX + "/"):
@@ -115,16 +118,24 @@ def preflight(config: dict) -> AppArgs:
         raise ConfigError(f"applications[0].args: {error}") from None
     deployments = {d["name"]: d for d in app.get("deployments", [])}
     bound = check_topology(app, args)
-    artifact_paths = set()
+    artifact_paths, canaries = set(), set()
     for name in (n for n in bound if is_model_deployment(n)):
         try:
-            artifact_paths.add(ModelUserConfig.parse(deployments.get(name, {}).get("user_config")).artifact_path)
+            model_config = ModelUserConfig.parse(deployments.get(name, {}).get("user_config"))
         except (ValidationError, ValueError) as error:
             raise ConfigError(f"deployments[{name}].user_config: {error}") from None
+        artifact_paths.add(model_config.artifact_path)
+        canaries.add((model_config.canary_artifact_path, model_config.canary_percent))
     if len(artifact_paths) != 1:
         raise ConfigError(f"user_config.artifact_path: the model deployments must name one artifact, got "
                           f"{sorted(artifact_paths)}")
+    if len(canaries) != 1:  # the ingress routes by its own copy; the stages must hold the same canary
+        raise ConfigError(f"user_config.canary_artifact_path, canary_percent: the model deployments must name one "
+                          f"canary, got {sorted(canaries, key=str)}")
     load_artifact(artifact_paths.pop())  # ArtifactError names the missing or corrupted file
+    canary_path = canaries.pop()[0]
+    if canary_path is not None:
+        load_artifact(canary_path)
     ingress_batch = args.ingress.max_batch_size
     ingress_limit = deployments.get(INGRESS_DEPLOYMENT, {}).get("max_ongoing_requests")
     if ingress_limit is not None and ingress_limit < ingress_batch:
@@ -191,6 +202,22 @@ def wait_until_running(dashboard_url: str, app_name: str, timeout_s: float) -> N
                 raise RuntimeError(f"application {app_name!r} failed to deploy: {message}")
         time.sleep(POLL_INTERVAL_S)
     raise TimeoutError(f"application {app_name!r} not RUNNING after {timeout_s:.0f} s (status {status}: {message})")
+
+
+def deployed_config(dashboard_url: str) -> dict:
+    """The Serve config the cluster runs now (its one application as last applied, with the proxy options), as
+    `apply` takes it: what `seqrank canary` edits, so a rollout step never reverts an earlier change."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    details = ServeSubmissionClient(dashboard_url).get_serve_details()
+    apps = [app.get("deployed_app_config") for app in (details.get("applications") or {}).values()]
+    if len(apps) != 1 or apps[0] is None:
+        raise ConfigError(f"{dashboard_url}: expected one deployed application, found {len(apps)}")
+    config = {"applications": apps}
+    for key in ("proxy_location", "http_options", "grpc_options"):
+        if details.get(key) is not None:
+            config[key] = details[key]
+    return config
 
 
 def apply(config: dict, dashboard_url: str, timeout_s: float = 300.0) -> AppArgs:

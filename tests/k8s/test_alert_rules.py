@@ -37,6 +37,7 @@ EXPECTED_SEVERITY = {
     "SeqrankErrorRatioHigh": "critical",  # user-visible failures
     "SeqrankNoHealthyReplicas": "critical",  # every call through the deployment fails
     "SeqrankServeMetricsAbsent": "critical",  # blind: treated as down
+    "SeqrankNewModelWorse": "warning",  # worse lists, not an outage
 }
 AGGREGATIONS = r"sum|min|max|avg|group|count|count_values|stddev|stdvar|topk|bottomk|quantile"
 
@@ -152,6 +153,16 @@ MUTATIONS = {
         _edit("SeqrankServeMetricsAbsent", "group by (namespace) (present_over_time(", "absent(absent_over_time("),
         "metrics absent - prod stops reporting while staging still does fires for prod only"),
     "severity page instead of critical/warning": (_all_severities_page, "SeqrankErrorRatioHigh"),
+    "new-model margin 5% -> 60%": (
+        _edit("SeqrankNewModelWorse", "0.95 *", "0.4 *"), "online quality - a worse canary in prod"),
+    "new-model minimum sample dropped": (
+        _edit("SeqrankNewModelWorse", ">= 200", ">= 0"), "online quality - a worse canary with too few events"),
+    "hit rate pooled over namespaces": (
+        _edit("seqrank:online_hit_rate_at_10:ratio_rate30m", "sum by (namespace, model_version)",
+              "sum by (model_version)"), "online quality - a worse canary in prod"),
+    "newest version ignores the canary": (
+        _edit("seqrank:model_version:newest", "(ray_seqrank_canary_percent > 0) or", "(ray_seqrank_canary_percent < 0) or"),
+        "online quality - a worse canary in prod"),
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import unicodedata
 from dataclasses import dataclass, field
 
 import pytest
@@ -45,6 +46,7 @@ MAX_ID_LENGTH = 128  # characters, for every id and the idempotency key
 DEFAULT_K, DEFAULT_CANDIDATES, DEFAULT_DIVERSITY = 10, 200, 0.3
 SETTLED_TIMESTAMPS = (1, int(time.time()) - 86_400)  # valid under any bound on future timestamps
 HAS_EVENT_ID = "event_id" in pb.Event.DESCRIPTOR.fields_by_name  # "at most limits.max_id_length characters"
+HAS_LIST_REQUEST_ID = "list_request_id" in pb.Event.DESCRIPTOR.fields_by_name
 
 
 def field_value(message, path: str):
@@ -95,6 +97,12 @@ def check_event(verdict: Verdict, path: str, sent: pb.Event) -> None:
             verdict.undecided.add(f"{path}.timestamp")
     if HAS_EVENT_ID:
         check_id(verdict, f"{path}.event_id", sent.event_id, required=False)
+    if HAS_LIST_REQUEST_ID:  # "at most limits.max_id_length characters, printable only: no character of Unicode
+        # category C ... and no separator (Z) other than the ASCII space"
+        check_id(verdict, f"{path}.list_request_id", sent.list_request_id, required=False)
+        if any(unicodedata.category(char)[0] == "C" or (unicodedata.category(char)[0] == "Z" and char != " ")
+               for char in sent.list_request_id):
+            verdict.wrong.add(f"{path}.list_request_id")
 
 
 def rank_verdict(request: pb.RankRequest) -> Verdict:
@@ -172,6 +180,10 @@ def assert_query_is_the_request(query, request: pb.RankRequest) -> None:
 
 def assert_batch_is_the_request(batch, request: pb.RecordEventsRequest) -> None:
     assert [user.user_id for user in batch.users] == [user.user_id for user in request.users]
+    if HAS_LIST_REQUEST_ID:  # the events that name a list, in request order, each with its item and behaviour
+        assert [(e.list_request_id, e.raw_item_id, e.behavior) for e in batch.list_events] == [
+            (sent.list_request_id, sent.item_id, sent.behavior) for user in request.users for sent in user.events
+            if sent.list_request_id]
     for user, sent in zip(batch.users, request.users):
         assert_events_are_the_sent_ones(user.events, sent.events)
     assert batch.idempotency_key == (request.idempotency_key or None)
@@ -202,6 +214,10 @@ def test_the_reference_predicate_on_hand_picked_requests():
     assert verdict.undecided == {"recent_events[0].timestamp"}
     assert verdict.wrong == {"recent_events[1].item_id", "recent_events[1].behavior", "recent_events[1].timestamp"}
     assert record_events_verdict(pb.RecordEventsRequest()).wrong == {"users"}
+    named = [pb.Event(item_id="sku-1", list_request_id="ok id"), pb.Event(item_id="sku-1", list_request_id="a\tb"),
+             pb.Event(item_id="sku-1", list_request_id="x" * 129), pb.Event(item_id="sku-1", list_request_id="é🙂")]
+    assert record_events_verdict(pb.RecordEventsRequest(users=[pb.UserEvents(user_id="u", events=named)])).wrong == \
+        {"users[0].events[1].list_request_id", "users[0].events[2].list_request_id"}
     empty_user = pb.RecordEventsRequest(users=[pb.UserEvents(user_id="u")], idempotency_key="k" * 129)
     assert record_events_verdict(empty_user).wrong == {"users[0].events", "idempotency_key"}
     too_many = pb.RecordEventsRequest(users=[pb.UserEvents(user_id="u", events=[pb.Event(item_id="sku-1")] * 1001)])
@@ -229,6 +245,8 @@ def settled_sometimes(draw, requests):
     events = all_events(request)
     if HAS_EVENT_ID and events and draw(st.booleans()):
         events[draw(st.integers(0, len(events) - 1))].event_id = draw(any_text())
+    if HAS_LIST_REQUEST_ID and events and draw(st.booleans()):
+        events[draw(st.integers(0, len(events) - 1))].list_request_id = draw(any_text())
     return request
 
 
@@ -265,14 +283,27 @@ def ids() -> st.SearchStrategy[str]:
 def valid_events() -> st.SearchStrategy[pb.Event]:
     timestamps = optional(st.one_of(st.integers(*SETTLED_TIMESTAMPS), st.sampled_from(SETTLED_TIMESTAMPS)))
     event_ids = st.one_of(st.just(""), ids()) if HAS_EVENT_ID else st.just("")
+    list_ids = st.one_of(st.just(""), printable_ids()) if HAS_LIST_REQUEST_ID else st.just("")
 
-    def build(item_id, behavior, timestamp, event_id):
+    def build(item_id, behavior, timestamp, event_id, list_request_id):
         sent = pb.Event(item_id=item_id, behavior=behavior, timestamp=timestamp)
         if event_id:
             sent.event_id = event_id
+        if list_request_id:
+            sent.list_request_id = list_request_id
         return sent
 
-    return st.builds(build, st.sampled_from(KNOWN), st.sampled_from(["", *BEHAVIORS]), timestamps, event_ids)
+    return st.builds(build, st.sampled_from(KNOWN), st.sampled_from(["", *BEHAVIORS]), timestamps, event_ids,
+                     list_ids)
+
+
+def printable_ids() -> st.SearchStrategy[str]:
+    """List request ids as the proto allows them: printable (no category C, no separator but the space), up to
+    exactly MAX_ID_LENGTH characters; a server-assigned hex id among them."""
+    printable = st.characters(exclude_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")) | st.just(" ")
+    return st.one_of(st.text(printable, min_size=1, max_size=24), st.text(printable, min_size=MAX_ID_LENGTH,
+                                                                          max_size=MAX_ID_LENGTH),
+                     st.just("0123456789abcdef" * 2))
 
 
 @st.composite
@@ -340,6 +371,8 @@ EVENT_DEFECTS = {
     "behavior": st.sampled_from(["PV", "click", " pv", "pv\x00"]),
     "timestamp": st.sampled_from([-1, -(2**63)]),
     **({"event_id": st.sampled_from(TOO_LONG_IDS)} if HAS_EVENT_ID else {}),
+    **({"list_request_id": st.sampled_from([*TOO_LONG_IDS, "a\x00b", "tab\t", "new\nline", "\u202eevil", "nb\u00a0sp",
+                                            "\u2028", "\ue000"])} if HAS_LIST_REQUEST_ID else {}),
 }
 
 
