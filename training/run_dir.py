@@ -10,6 +10,7 @@ Layout (everything evaluation and export need, nothing pickled):
     valid_metrics.json, test_metrics.json   of the best checkpoint; test_metrics.json adds the run's summary
     transitions.json     the chosen transition-prior weight and the validation score of each weight tried
     curves.png           loss and validation NDCG@10 / HR@10 per epoch
+    parent.json          warm-started runs only: the model it continued from (training/warm_start.py)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ VALID_METRICS_FILE = "valid_metrics.json"
 TEST_METRICS_FILE = "test_metrics.json"
 TRANSITIONS_FILE = "transitions.json"
 CURVES_FILE = "curves.png"
+PARENT_FILE = "parent.json"
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,16 @@ def write_run_metadata(run_dir: Path, config: TrainConfig, data: SequenceData, i
         num_attributes=data.num_attributes, source=config.data.path or "synthetic",
     )
     (run_dir / DATA_FILE).write_text(json.dumps(info.__dict__, indent=2))
+
+
+def write_parent(run_dir: Path, record: dict) -> None:
+    (run_dir / PARENT_FILE).write_text(json.dumps(record, indent=2))
+
+
+def read_parent(run_dir: str | Path) -> dict | None:
+    """parent.json: what a warm-started run continued from; None for a run trained from scratch."""
+    path = Path(run_dir) / PARENT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def read_config(run_dir: str | Path) -> TrainConfig:
