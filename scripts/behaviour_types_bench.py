@@ -10,7 +10,7 @@ Prints one markdown table (docs/benchmarks/behaviour-types.md) and writes the nu
 A run directory that already holds test_metrics.json is reused, so a second call only re-evaluates.
 
     python scripts/behaviour_types_bench.py \
-        --data /work/shared/data/taobao-userbehavior-prefix/UserBehavior_prefix.csv.gz
+        --data ../shared/data/taobao-userbehavior-prefix/UserBehavior_prefix.csv.gz
 """
 
 from __future__ import annotations
