@@ -2,7 +2,8 @@
 RecordEvents, exported with `seqrank events export`, a warm-started run on them (`seqrank train --init-from`),
 then `seqrank promote` against the live service over gRPC. A candidate that never learned (learning rate 0) is
 refused and the service keeps its model; the warm-started one is promoted with `--deploy local`, and the service
-then answers with its model version."""
+then answers with its model version. The promotion's hot reload runs under a closed-loop Rank load, and not one
+call may fail."""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ import pandas as pd
 import yaml
 
 from seqrank.serving.cli import main
+from seqrank.serving.client.ranking_client import RankingClient
+from seqrank.serving.client.retry import NO_RETRY
 from seqrank.serving.history import Event
 from seqrank.serving.ops.serve_config_check import application
 from seqrank.training.synthetic import generate_log
 from tests.conftest import TINY_OVERRIDES
+from tests.e2e.load import OK, ClosedLoop
 
 NEW_USERS = 400  # users of the tiny run's synthetic world (same catalogue and seed) that it never saw
 USER_PREFIX = "retrain-"
 USERS_PER_CALL, EVENTS_PER_CALL = 100, 1000  # the service's default limits per RecordEvents call
+LOAD_WORKERS = 4
 
 
 def record_new_users(client) -> int:
@@ -86,10 +91,21 @@ def test_record_export_warm_start_promote_and_serve(service, tiny_run, synthetic
         assert main(["train", "--init-from", str(tiny_run), "--data", str(train), "--out", str(tmp_path / "warm"),
                      "--quiet", "--set", "optim.max_epochs=2", "--set", "optim.lr=0.001"]) == 0
         assert json.loads((tmp_path / "warm" / "parent.json").read_text())["path"] == str(tiny_run.resolve())
-        status, out, err = promote(service, tmp_path / "warm", holdout, tmp_path / "warm-artifact", config_path,
-                                   capsys)
-        assert status == 0, out + err
-        new_version = json.loads((tmp_path / "warm-artifact" / "manifest.json").read_text())["model_version"]
+        def rank(client: RankingClient, worker: int, sequence: int):
+            return client.rank(f"{USER_PREFIX}u{(worker + LOAD_WORKERS * sequence) % NEW_USERS}", k=10)
+
+        new_client = lambda: RankingClient(service.grpc_target, timeout_s=60.0, retry=NO_RETRY)  # noqa: E731
+        with ClosedLoop(new_client, rank, LOAD_WORKERS, max_s=300.0) as load:
+            load.wait_until(lambda: load.count() >= 20, 120, "Rank load flowing before the promotion")
+            status, out, err = promote(service, tmp_path / "warm", holdout, tmp_path / "warm-artifact", config_path,
+                                       capsys)
+            assert status == 0, out + err
+            new_version = json.loads((tmp_path / "warm-artifact" / "manifest.json").read_text())["model_version"]
+            load.wait_until(lambda: any(o.response is not None and o.response.model_version == new_version
+                                        for o in load.snapshot()), 120, "Rank answered by the promoted model")
+        outcomes = load.snapshot()
+        assert [(o.code, o.details) for o in outcomes if o.code != OK] == []  # the reload dropped no request
+        assert {o.response.model_version for o in outcomes} == {old_version, new_version}
         assert new_version != old_version and f"deployed {new_version}" in out
         with service.client() as client:
             assert client.model_info().model_version == new_version
