@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqrank.training.model import EncoderEnsemble, SequenceEncoder, pad_histories
+from seqrank.training.model import EncoderEnsemble, SequenceEncoder, pad_histories, padded_on
 
 logger = logging.getLogger(f"ray.serve.{__name__}")
 
@@ -462,10 +462,5 @@ def build_inference(model, requested: str = "auto", threads: int = 1) -> Inferen
 def encode_with(path: UserVectorFn, model, histories: list[np.ndarray], behaviors: list[np.ndarray] | None,
                 device: torch.device | str = "cpu") -> np.ndarray:
     """`encode_histories` (training/model.py) through `path`: the same padding and truncation, (B, D) float32."""
-    if model.behavior_embedding is None:
-        behaviors = None
-    items, behavior_matrix, lengths = pad_histories(histories, behaviors, model.config)
-    items, lengths = items.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
-    if behavior_matrix is not None:
-        behavior_matrix = behavior_matrix.to(device, non_blocking=True)
+    items, behavior_matrix, lengths = padded_on(model, histories, behaviors, device)
     return path(items, behavior_matrix, lengths).float().cpu().numpy()

@@ -318,6 +318,19 @@ def pad_histories(
     )
 
 
+def padded_on(
+    model: SequenceEncoder, histories: list[np.ndarray], behaviors: list[np.ndarray] | None, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`pad_histories` for `model` (behaviours dropped when it has no behaviour table), moved to `device`."""
+    if model.behavior_embedding is None:
+        behaviors = None
+    items, behavior_matrix, lengths = pad_histories(histories, behaviors, model.config)
+    items, lengths = items.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
+    if behavior_matrix is not None:
+        behavior_matrix = behavior_matrix.to(device, non_blocking=True)
+    return items, behavior_matrix, lengths
+
+
 @torch.no_grad()
 def encode_histories(
     model: SequenceEncoder,
@@ -331,12 +344,7 @@ def encode_histories(
     The one path from a history to a user vector, shared by evaluation, export and serving. `dtype=torch.bfloat16`
     runs the encoder under bf16 autocast (CUDA).
     """
-    if model.behavior_embedding is None:
-        behaviors = None
-    items, behavior_matrix, lengths = pad_histories(histories, behaviors, model.config)
-    items, lengths = items.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
-    if behavior_matrix is not None:
-        behavior_matrix = behavior_matrix.to(device, non_blocking=True)
+    items, behavior_matrix, lengths = padded_on(model, histories, behaviors, device)
     device_type = torch.device(device).type
     with torch.autocast(device_type=device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
         vectors = model.user_vectors(items, behavior_matrix, lengths)

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from seqrank.training import run_dir as run_files
-from seqrank.training.artifact import COLD_ITEMS_KEY, MANIFEST_FILE, Artifact, cold_item_settings_for, load_artifact
+from seqrank.training.artifact import (
+    COLD_ITEMS_KEY,
+    MANIFEST_FILE,
+    Artifact,
+    cold_item_settings_for,
+    load_artifact,
+    sha256_file,
+)
 from seqrank.training.cold_items import placed_item_vectors
 from seqrank.training.config import Architecture
 from seqrank.training.data import SequenceData, attribute_vocabulary, load_attributes
@@ -75,14 +82,6 @@ class ParentModel:
                 "model_version": self.model_version, "num_items": len(self.item_ids) - 1}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_artifact(path: str | Path) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
@@ -106,7 +105,7 @@ def load_parent(path: str | Path, attributes_path: str = "") -> ParentModel:
         matrix = model.item_attributes[: model.config.num_items + 1].numpy()
         values = run_attribute_values(path, matrix, attributes_path or None)
     return ParentModel(path, "run", model, run_files.read_item_ids(path), run_files.read_data_info(path).behavior_names,
-                       values, _sha256(path / WEIGHTS_FILE), "")
+                       values, sha256_file(path / WEIGHTS_FILE), "")
 
 
 # ------------------------------------------------------------------------------------------- the vocabulary

@@ -7,7 +7,6 @@ could not run (bad arguments, unreadable files).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -88,19 +87,9 @@ def against_ranks(args, users):
 def deploy(args, artifact: Path, version: str) -> str:
     """Applies the promoted artifact as --deploy asks; returns what was done."""
     if args.deploy == "local":
-        from seqrank.serving.ops.deploy import apply, localize, read_serve_config
+        from seqrank.serving.ops.deploy import apply_here_or_at, localize, read_serve_config
 
-        config = localize(read_serve_config(args.serve_config), artifact_path=artifact)
-        if args.address:
-            apply(config, args.address)
-        else:
-            import ray
-
-            address = "http://" + ray.init(address="auto", logging_level=logging.WARNING).dashboard_url
-            try:
-                apply(config, address)
-            finally:
-                ray.shutdown()  # detaches; the cluster keeps running
+        apply_here_or_at(localize(read_serve_config(args.serve_config), artifact_path=artifact), args.address)
         return f"deployed {version} to the running service (reloaded in place)"
     if args.deploy == "k8s":
         from seqrank.serving.ops.promote import write_k8s_artifact

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from seqrank.serving.cli.render import format_response
@@ -121,22 +120,11 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    from seqrank.serving.ops.deploy import apply
+    from seqrank.serving.ops.deploy import apply_here_or_at
     from seqrank.serving.ops.serve_config_check import application
 
     config = load_serve_config(args)
-    if args.address:
-        apply(config, args.address)  # a remote cluster: Ray's RAY_AUTH_MODE / RAY_AUTH_TOKEN settings apply
-        address = args.address
-    else:
-        import ray
-
-        # Attaching to the local cluster (`seqrank serve`) finds its dashboard and loads its auth token.
-        address = "http://" + ray.init(address="auto", logging_level=logging.WARNING).dashboard_url
-        try:
-            apply(config, address)
-        finally:
-            ray.shutdown()  # detaches; the cluster keeps running
+    address = apply_here_or_at(config, args.address)
     print(f"applied {args.config} to {address}: {application(config)['name']} is RUNNING")
     return 0
 

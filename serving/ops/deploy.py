@@ -220,6 +220,23 @@ def deployed_config(dashboard_url: str) -> dict:
     return config
 
 
+def apply_here_or_at(config: dict, address: str | None) -> str:
+    """Applies `config` at the dashboard `address`, or, with none, to the local cluster `seqrank serve` runs
+    (attaching finds its dashboard and loads its auth token; a remote cluster takes Ray's RAY_AUTH_MODE /
+    RAY_AUTH_TOKEN settings). Returns the address applied to."""
+    if address:
+        apply(config, address)
+        return address
+    import ray
+
+    address = "http://" + ray.init(address="auto", logging_level=logging.WARNING).dashboard_url
+    try:
+        apply(config, address)
+    finally:
+        ray.shutdown()  # detaches; the cluster keeps running
+    return address
+
+
 def apply(config: dict, dashboard_url: str, timeout_s: float = 300.0) -> AppArgs:
     """preflight, submit, wait: the whole path of a config (first deploy or hot reload)."""
     args = preflight(config)
