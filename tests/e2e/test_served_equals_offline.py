@@ -28,7 +28,6 @@ Apples to apples, point by point:
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -39,16 +38,13 @@ from seqrank.serving.client.ranking_client import rank_request
 from seqrank.serving.history import Event
 from seqrank.serving.ops.serve_config_check import application
 from seqrank.serving.retrieval import EXACT_SEARCH_MAX_ITEMS
-from seqrank.training.artifact import IndexParams
 from seqrank.training.batches import eval_batches
 from seqrank.training.config import load_config
 from seqrank.training.evaluate import mask_seen
-from seqrank.training.export import export_run
 from seqrank.training.model import encode_histories, load_encoder_dir
-from seqrank.training.run_dir import TRANSITIONS_FILE as TRANSITIONS_RUN_FILE
 from seqrank.training.run_dir import load_run_transitions
 from seqrank.training.sources import load_sequences
-from seqrank.training.transitions import count_transitions
+from tests.e2e.helpers import run_with_prior
 
 K = 10
 EXACT_TOLERANCE = 1e-6
@@ -148,14 +144,7 @@ def assert_close(case, served, offline, tolerance):
 @pytest.fixture(scope="module")
 def prior_run(tiny_run, tmp_path_factory):
     """The session's run with a transition prior at PRIOR_WEIGHT (as `fit` keeps one), and its artifact."""
-    run = tmp_path_factory.mktemp("offline-prior") / "run"
-    shutil.copytree(tiny_run, run)
-    prior = count_transitions(load_sequences(load_config(run / "config.yaml").data)).with_weight(PRIOR_WEIGHT)
-    prior.save(run)
-    (run / TRANSITIONS_RUN_FILE).write_text(json.dumps({"weight": PRIOR_WEIGHT}))
-    artifact = export_run(run, run.parent / "artifact", IndexParams(M=16, ef_construction=200, ef_search=400),
-                          name="offline-prior")
-    return run, artifact
+    return run_with_prior(tiny_run, tmp_path_factory.mktemp("offline-prior"), PRIOR_WEIGHT, name="offline-prior")
 
 
 def test_served_lists_give_the_offline_metrics(service, client, tiny_run, prior_run, test_users, capsys):

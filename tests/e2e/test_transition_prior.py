@@ -3,20 +3,12 @@ offline score (inner product + the prior's term after the newest event), and a n
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 
 from seqrank.serving.history import Event
-from seqrank.training.artifact import IndexParams, load_artifact
-from seqrank.training.config import load_config
-from seqrank.training.export import export_run
-from seqrank.training.run_dir import TRANSITIONS_FILE as TRANSITIONS_RUN_FILE
-from seqrank.training.sources import load_sequences
-from seqrank.training.transitions import count_transitions
-from tests.e2e.helpers import exact_ranking, random_history, trained_user_vector
+from seqrank.training.artifact import load_artifact
+from tests.e2e.helpers import exact_ranking, random_history, run_with_prior, trained_user_vector
 
 WEIGHT = 1.0
 
@@ -24,13 +16,8 @@ WEIGHT = 1.0
 @pytest.fixture(scope="module")
 def prior_artifact(tiny_run, tmp_path_factory):
     """The session's tiny run with a prior at WEIGHT (as `fit` writes it), exported."""
-    run = tmp_path_factory.mktemp("prior") / "run"
-    shutil.copytree(tiny_run, run)
-    prior = count_transitions(load_sequences(load_config(run / "config.yaml").data)).with_weight(WEIGHT)
-    prior.save(run)
-    (run / TRANSITIONS_RUN_FILE).write_text(json.dumps({"weight": WEIGHT}))
-    return load_artifact(export_run(run, run.parent / "artifact", IndexParams(M=16, ef_construction=200,
-                                                                              ef_search=400), name="prior"))
+    _, artifact = run_with_prior(tiny_run, tmp_path_factory.mktemp("prior"), WEIGHT, name="prior")
+    return load_artifact(artifact)
 
 
 def offline_ranking(user_vector, artifact, events, k) -> list[str]:

@@ -1,4 +1,5 @@
-"""A real `redis-server` for the history-store tests: free loopback port, temp dir, fsynced AOF, no RDB snapshots."""
+"""A real `redis-server` for the history-store tests (free loopback port, temp dir, fsynced AOF, no RDB snapshots),
+and a fresh store of each backend by URL."""
 
 from __future__ import annotations
 
@@ -72,6 +73,16 @@ class RedisServer:
             self.process = None
 
 
+class FakeClock:
+    """A store clock the test sets (`now`, seconds)."""
+
+    def __init__(self, now=1_700_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
 def require_redis_server() -> None:
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; scripts/setup.sh does it)")
@@ -99,3 +110,19 @@ def new_redis_server(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "history.db"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def history_url(request, db_path):
+    """A fresh, empty store's URL for each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{db_path}"
+    server = request.getfixturevalue("redis_server")
+    with server.client() as client:
+        client.flushall()
+    return server.url()

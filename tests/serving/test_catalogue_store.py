@@ -34,30 +34,7 @@ from seqrank.serving.history.deadline import DeadlineStore
 from seqrank.serving.history.events import append_fingerprint
 from seqrank.serving.history.redis_store import CATALOGUE_PREFIX, RedisHistoryStore
 from seqrank.serving.history.sqlite_store import SCHEMA_VERSION
-
-
-class FakeClock:
-    def __init__(self, now=1_700_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture
-def db_path(tmp_path):
-    return tmp_path / "history.db"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def history_url(request, db_path):
-    """A fresh, empty store's URL for each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{db_path}"
-    server = request.getfixturevalue("redis_server")
-    with server.client() as client:
-        client.flushall()
-    return server.url()
+from tests.serving.conftest import FakeClock
 
 
 def open_backend(url, *, clock=time.time, idempotency_ttl_s=86_400, user_ttl_s=0):

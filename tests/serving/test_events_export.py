@@ -22,16 +22,6 @@ BASE_S = 1_700_000_000
 CLOCK_S = 1_700_000_500.789  # the store's clock: events without a timestamp get 1_700_000_500_789 ms
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'history.db'}"
-    server = request.getfixturevalue("redis_server")
-    with server.client() as client:
-        client.flushall()
-    return server.url()
-
-
 def open_store(url: str, max_events_per_user: int = 1000):
     clock = lambda: CLOCK_S  # noqa: E731
     if url.startswith("redis://"):
@@ -68,8 +58,8 @@ SECOND = {
 
 
 @pytest.mark.parametrize("page_size", [1, 2, 1000])
-def test_export_round_trips_through_the_training_loader(store_url, tmp_path, page_size):
-    store = open_store(store_url)
+def test_export_round_trips_through_the_training_loader(history_url, tmp_path, page_size):
+    store = open_store(history_url)
     recorded = record(store, FIRST)
     out = tmp_path / "events.csv"
     result = export_events(store, out, page_size=page_size)
@@ -78,8 +68,8 @@ def test_export_round_trips_through_the_training_loader(store_url, tmp_path, pag
 
 
 @pytest.mark.parametrize("page_size", [1, 3, 1000])
-def test_resume_from_the_cursor_appends_only_newer_events(store_url, tmp_path, page_size):
-    store = open_store(store_url)
+def test_resume_from_the_cursor_appends_only_newer_events(history_url, tmp_path, page_size):
+    store = open_store(history_url)
     out, cursor = tmp_path / "events.csv", tmp_path / "cursor.json"
     recorded = record(store, FIRST)
     assert export_events(store, out, cursor, page_size=page_size).rows == len(recorded)
@@ -89,8 +79,8 @@ def test_resume_from_the_cursor_appends_only_newer_events(store_url, tmp_path, p
     assert read_back(out) == Counter(recorded)  # every event once: no duplicate, no gap
 
 
-def test_rows_past_the_cursor_from_a_crashed_run_are_not_kept(store_url, tmp_path):
-    store = open_store(store_url)
+def test_rows_past_the_cursor_from_a_crashed_run_are_not_kept(history_url, tmp_path):
+    store = open_store(history_url)
     out, cursor = tmp_path / "events.csv", tmp_path / "cursor.json"
     recorded = record(store, FIRST)
     export_events(store, out, cursor)
@@ -101,8 +91,8 @@ def test_rows_past_the_cursor_from_a_crashed_run_are_not_kept(store_url, tmp_pat
     assert read_back(out) == Counter(recorded)
 
 
-def test_since_leaves_out_older_events(store_url, tmp_path):
-    store = open_store(store_url)
+def test_since_leaves_out_older_events(history_url, tmp_path):
+    store = open_store(history_url)
     recorded = record(store, FIRST) + record(store, SECOND)
     since = BASE_S + 10
     out = tmp_path / "events.csv"
@@ -112,8 +102,8 @@ def test_since_leaves_out_older_events(store_url, tmp_path):
     assert read_back(out) == Counter(expected)
 
 
-def test_a_cursor_only_continues_its_own_store_and_file(store_url, tmp_path):
-    store = open_store(store_url)
+def test_a_cursor_only_continues_its_own_store_and_file(history_url, tmp_path):
+    store = open_store(history_url)
     record(store, FIRST)
     out, cursor = tmp_path / "events.csv", tmp_path / "cursor.json"
     export_events(store, out, cursor)

@@ -25,30 +25,7 @@ from seqrank.serving.history import (
 )
 from seqrank.serving.history.redis_store import KEY_PREFIX, RedisHistoryStore
 from seqrank.serving.history.sqlite_store import SCHEMA_VERSION
-
-
-class FakeClock:
-    def __init__(self, now=1_700_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture
-def db_path(tmp_path):
-    return tmp_path / "history.db"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def history_url(request, db_path):
-    """A fresh, empty store's URL for each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{db_path}"
-    server = request.getfixturevalue("redis_server")
-    with server.client() as client:
-        client.flushall()
-    return server.url()
+from tests.serving.conftest import FakeClock
 
 
 def open_backend(url, max_events_per_user=5, *, clock=time.time, idempotency_ttl_s=86_400, busy_timeout_s=5.0,
