@@ -2,8 +2,10 @@
 
 Read top to bottom: latency statistics (pure), the closed-loop generator (threads, no Ray, no gRPC imports),
 the echo deployment (the floor: an app whose Rank returns an empty response at once, behind the same Serve
-gRPC proxy, so Rank/echo isolates what seqrank itself costs), then `bench_serve`, the shell that starts local
-Ray + Serve, runs both targets at each concurrency and shuts everything down.
+gRPC proxy, so Rank/echo isolates what seqrank itself costs) and the relay echo (the same answer after two calls to
+another replica in turn, the floor of a topology whose ingress calls the Encoder and then the Retrieval deployment),
+then `bench_serve`, the shell that starts local Ray + Serve, runs the targets at each concurrency and shuts
+everything down.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from seqrank.serving.client.retry import NO_RETRY, RetryPolicy, call_with_retry
 logger = logging.getLogger(__name__)
 
 ECHO_APP = "echo"  # application name and route prefix /echo of the floor
+RELAY_APP = "echo-relay"  # the floor plus RELAY_HOPS sequential deployment calls
+RELAY_HOPS = 2  # the Kubernetes topology's ingress calls Encoder, then Retrieval
 RANK_EVENTS = 20  # inline recent events per benchmark Rank request
 RANK_K = 10
 DEFAULT_WARMUP_REQUESTS = 5  # per thread, not measured
@@ -206,6 +210,42 @@ def echo_application() -> dict:
     return {"name": ECHO_APP, "route_prefix": f"/{ECHO_APP}", "import_path": "seqrank.serving.bench.loadgen:build_echo_app"}
 
 
+def build_relay_app(args: dict | None = None):
+    """Serve import_path target (`seqrank.serving.bench.loadgen:build_relay_app`): the echo, but its replica first
+    awaits RELAY_HOPS calls to another deployment, one after the other, as the ingress of the Kubernetes topology
+    awaits the Encoder and then the Retrieval deployment. Each hop answers with its process id; the answer's
+    model_version counts the hops answered by another process (`relay:2`), so a test can tell they happened."""
+    import os
+
+    from ray import serve
+
+    from seqrank.v1 import ranking_pb2
+
+    @serve.deployment(name="EchoHop", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0.1})
+    class EchoHop:
+        async def pid(self) -> int:
+            return os.getpid()
+
+    @serve.deployment(name="EchoRelay", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0.1})
+    class EchoRelay:
+        def __init__(self, hop) -> None:
+            self._hop = hop
+
+        async def Rank(self, request, grpc_context):
+            if isinstance(request, bytes):
+                request = ranking_pb2.RankRequest.FromString(request)
+            answered = [await self._hop.pid.remote() for _ in range(RELAY_HOPS)]  # in turn, not gathered
+            hops = sum(pid != os.getpid() for pid in answered)
+            return ranking_pb2.RankResponse(request_id=request.request_id, model_version=f"relay:{hops}")
+
+    return EchoRelay.bind(EchoHop.bind())
+
+
+def relay_application() -> dict:
+    return {"name": RELAY_APP, "route_prefix": f"/{RELAY_APP}",
+            "import_path": "seqrank.serving.bench.loadgen:build_relay_app"}
+
+
 # ---- the shell: local Ray + Serve, both apps, each concurrency ----------------------------------------------
 
 def train_tiny_artifact(out_dir: Path) -> Path:
@@ -304,10 +344,10 @@ def response_timings(response) -> dict[str, float]:
 
 def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: list[int], seconds: float,
                 warmup_requests: int = DEFAULT_WARMUP_REQUESTS, retry: RetryPolicy = RetryPolicy(),
-                canary_artifact: str | Path | None = None, canary_percent: float = 50.0) -> dict:
+                canary_artifact: str | Path | None = None, canary_percent: float = 50.0, relay: bool = False) -> dict:
     """Starts local Ray + Serve on free ports with the seqrank app (from `serve_config`) and the echo app,
-    measures echo then Rank at each concurrency (retrying like the client), shuts Ray down; returns a
-    JSON-ready dict. With `canary_artifact`: Rank runs first with one version and attribution off, then (the config
+    measures echo (with `relay`, then the relay echo) then Rank at each concurrency (retrying like the client), shuts
+    Ray down; returns a JSON-ready dict. With `canary_artifact`: Rank runs first with one version and attribution off, then (the config
     applied in place, same cluster) as `rank+canary` with the canary serving `canary_percent` of the users and
     attribution on; both Rank runs spread CANARY_USERS user ids, and each records the ingress replicas' memory."""
     import copy
@@ -335,13 +375,15 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
         config = localize(config, artifact_path=artifact)
         app_args = preflight(config)  # the seqrank app alone, strictly, before anything starts
         request = rank_request(Path(artifact))
+        floors = [("echo", ECHO_APP)] + ([("relay", RELAY_APP)] if relay else [])
+        floor_apps = [echo_application()] + ([relay_application()] if relay else [])
         both = copy.deepcopy(config)
-        both["applications"].append(echo_application())
+        both["applications"] += floor_apps
         dashboard_url = start_local(config, app_args, num_cpus=CLUSTER_CPUS, log_to_driver=False)
         try:
             logger.info("deploying %s and %s (dashboard %s)", app["name"], ECHO_APP, dashboard_url)
             submit(both, dashboard_url)
-            for name in (app["name"], ECHO_APP):
+            for name in [app["name"]] + [name for _, name in floors]:
                 wait_until_running(dashboard_url, name, DEPLOY_TIMEOUT_S)
             target = f"127.0.0.1:{grpc_port}"
             runs = []
@@ -352,14 +394,15 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
                 logger.info("%s at concurrency %d for %.0f s", label, concurrency, seconds)
                 retries: list[str] = []
                 result = run_closed_loop(grpc_caller_factory(target, name, request, retry, retries,
-                                                             users if name != ECHO_APP else 1),
+                                                             users if name == app["name"] else 1),
                                          concurrency, seconds, warmup_requests, observe)
                 runs.append({"target": label, "concurrency": concurrency, **asdict(result.stats),
                              "retries": dict(Counter(retries)), "stage_ms": result.stage_ms})
 
             for concurrency in concurrencies:
-                for label, name, observe in (("echo", ECHO_APP, None), ("rank", app["name"], response_timings)):
-                    measure(label, name, concurrency, observe)
+                for label, name in floors:
+                    measure(label, name, concurrency, None)
+                measure("rank", app["name"], concurrency, response_timings)
             if canary_artifact is not None:
                 memory_mb["rank"] = replica_rss_mb(dashboard_url, app["name"], INGRESS_DEPLOYMENT)
                 from seqrank.serving.canary import with_canary
@@ -370,7 +413,7 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
                 application(canary_config)["args"]["ingress"]["attribution"] = {}  # the defaults: on
                 preflight(canary_config)
                 both_canary = copy.deepcopy(canary_config)
-                both_canary["applications"].append(echo_application())
+                both_canary["applications"] += floor_apps
                 submit(both_canary, dashboard_url)
                 wait_until_running(dashboard_url, app["name"], DEPLOY_TIMEOUT_S)
                 wait_for_canary(target, app["name"], request, users)
@@ -409,32 +452,32 @@ def free_port() -> int:
 # ---- report (pure) --------------------------------------------------------------------------------------------
 
 def ratios(runs: list[dict]) -> list[dict]:
-    """Rank/echo for p50, p99 and req/s at each concurrency measured for both."""
+    """Every other target over echo for p50, p99 and req/s, at each concurrency measured for both."""
     by_key = {(run["target"], run["concurrency"]): run for run in runs}
     out = []
-    for (target, concurrency), rank in by_key.items():
+    for (target, concurrency), run in by_key.items():
         echo = by_key.get(("echo", concurrency))
-        if target != "rank" or echo is None:
+        if target == "echo" or echo is None:
             continue
-        out.append({"concurrency": concurrency,
-                    **{key: rank[key] / echo[key] if echo[key] else float("nan")
+        out.append({"target": target, "concurrency": concurrency,
+                    **{key: run[key] / echo[key] if echo[key] else float("nan")
                        for key in ("p50_ms", "p99_ms", "requests_per_s")}})
     return out
 
 
 def format_report(report: dict) -> str:
     runs = report["runs"]
-    lines = [f"{'target':<7}{'conc':>5}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>9}  errors"]
+    lines = [f"{'target':<12}{'conc':>5}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>9}  errors"]
     for run in runs:
         errors = ", ".join(f"{code} {n}" for code, n in run["errors"].items()) or "-"
         if run.get("retries"):
             errors += " (retried: " + ", ".join(f"{code} {n}" for code, n in run["retries"].items()) + ")"
-        lines.append(f"{run['target']:<7}{run['concurrency']:>5}{run['p50_ms']:>9.2f}{run['p90_ms']:>9.2f}"
+        lines.append(f"{run['target']:<12}{run['concurrency']:>5}{run['p50_ms']:>9.2f}{run['p90_ms']:>9.2f}"
                      f"{run['p99_ms']:>9.2f}{run['max_ms']:>9.2f}{run['requests_per_s']:>9.1f}  {errors}")
     for label, mb in report.get("ingress_rss_mb", {}).items():
         lines.append(f"ingress replica memory with {label}: {mb:.0f} MiB (RSS)")
-    lines += ["", "Rank/echo  conc    p50    p99  req/s"]
-    lines += [f"{'':<9}{r['concurrency']:>6}{r['p50_ms']:>7.2f}{r['p99_ms']:>7.2f}{r['requests_per_s']:>7.2f}"
+    lines += ["", f"{'over echo':<12}{'conc':>5}{'p50':>7}{'p99':>7}{'req/s':>7}"]
+    lines += [f"{r['target']:<12}{r['concurrency']:>5}{r['p50_ms']:>7.2f}{r['p99_ms']:>7.2f}{r['requests_per_s']:>7.2f}"
               for r in ratios(runs)]
     lines += ["", "Rank per-stage median ms (response.timings)"]
     for run in runs:

@@ -23,6 +23,9 @@ def add_bench_commands(sub) -> None:
                        help="also measure Rank with this second version served as a canary and attribution on, "
                             "in the same cluster after the baseline (which then runs with attribution off)")
     serve.add_argument("--canary-percent", type=float, default=50.0, help="with --canary-artifact (default: 50)")
+    serve.add_argument("--relay", action="store_true",
+                       help="also measure the relay echo: the echo's replica first calls another deployment twice in "
+                            "turn, the floor of the Kubernetes topology (ingress -> Encoder, ingress -> Retrieval)")
     serve.set_defaults(func=cmd_bench_serve)
 
     catalogue = bench.add_parser("catalogue", help="live catalogue freshness across two ingress replicas, and "
@@ -219,7 +222,7 @@ def cmd_bench_serve(args) -> int:
 
     config = read_serve_config(args.config or SERVE_CONFIG_PATH)
     report = bench_serve(config, args.artifact, args.concurrency, args.seconds,
-                         canary_artifact=args.canary_artifact, canary_percent=args.canary_percent)
+                         canary_artifact=args.canary_artifact, canary_percent=args.canary_percent, relay=args.relay)
     print(format_report(report))
     write_json_report(args.json, report)
     return 0

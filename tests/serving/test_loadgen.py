@@ -78,6 +78,9 @@ def test_report_ratios_rank_over_echo():
         return {"target": target, "concurrency": 1, "p50_ms": p50, "p90_ms": p50, "p99_ms": p99, "max_ms": p99,
                 "requests_per_s": rps, "errors": {}, "stage_ms": {"encode": 1.0}}
 
-    runs = [run("echo", 1.0, 2.0, 1000.0), run("rank", 5.0, 10.0, 200.0)]
-    assert ratios(runs) == [{"concurrency": 1, "p50_ms": 5.0, "p99_ms": 5.0, "requests_per_s": 0.2}]
-    assert "encode 1.00" in format_report({"runs": runs})
+    runs = [run("echo", 1.0, 2.0, 1000.0), run("relay", 3.0, 4.0, 500.0), run("rank", 5.0, 10.0, 200.0)]
+    assert ratios(runs) == [{"target": "relay", "concurrency": 1, "p50_ms": 3.0, "p99_ms": 2.0, "requests_per_s": 0.5},
+                            {"target": "rank", "concurrency": 1, "p50_ms": 5.0, "p99_ms": 5.0, "requests_per_s": 0.2}]
+    report = format_report({"runs": runs})
+    assert "encode 1.00" in report
+    assert "relay           1   3.00   2.00   0.50" in report  # p50, p99 and req/s over echo's, same concurrency
