@@ -204,6 +204,22 @@ def wait_until_running(dashboard_url: str, app_name: str, timeout_s: float) -> N
     raise TimeoutError(f"application {app_name!r} not RUNNING after {timeout_s:.0f} s (status {status}: {message})")
 
 
+def wait_until_only(dashboard_url: str, app_names: set[str], timeout_s: float) -> None:
+    """Polls until the cluster lists no application outside `app_names`: Serve deletes an application the applied
+    config dropped in the background, and `seqrank canary` refuses a cluster with more than one."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    client = ServeSubmissionClient(dashboard_url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        extra = set(client.get_serve_details().get("applications") or {}) - app_names
+        if not extra:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"applications {sorted(extra)} still deleting after {timeout_s:.0f} s")
+        time.sleep(POLL_INTERVAL_S)
+
+
 def deployed_config(dashboard_url: str) -> dict:
     """The Serve config the cluster runs now (its one application as last applied, with the proxy options), as
     `apply` takes it: what `seqrank canary` edits, so a rollout step never reverts an earlier change."""
@@ -238,8 +254,10 @@ def apply_here_or_at(config: dict, address: str | None) -> str:
 
 
 def apply(config: dict, dashboard_url: str, timeout_s: float = 300.0) -> AppArgs:
-    """preflight, submit, wait: the whole path of a config (first deploy or hot reload)."""
+    """preflight, submit, wait: the whole path of a config (first deploy or hot reload). Returns once its application
+    is RUNNING and any application the config no longer lists is gone."""
     args = preflight(config)
     submit(config, dashboard_url)
     wait_until_running(dashboard_url, application(config)["name"], timeout_s)
+    wait_until_only(dashboard_url, {app["name"] for app in config["applications"]}, timeout_s)
     return args

@@ -7,8 +7,14 @@ import copy
 
 import pytest
 
-from seqrank.serving.bench.loadgen import (ECHO_APP, RELAY_APP, RELAY_HOPS, echo_application, grpc_caller_factory,
-                                           relay_application)
+from seqrank.serving.bench.loadgen import (
+    ECHO_APP,
+    RELAY_APP,
+    RELAY_HOPS,
+    echo_application,
+    grpc_caller_factory,
+    relay_application,
+)
 from seqrank.serving.ops.deploy import submit, wait_until_running
 from seqrank.v1 import ranking_pb2 as pb
 from tests.e2e.conftest import DEPLOY_TIMEOUT_S
@@ -41,3 +47,11 @@ def test_floor_answers_rank_with_the_request_id(floors, app, model_version):
     assert response.request_id == "floor-1"
     assert response.model_version == model_version
     assert list(response.items) == []
+
+
+def test_apply_returns_once_the_applications_it_drops_are_gone(floors, service):
+    """Last in the module: applying the session's config drops both floors, and `seqrank canary` needs one app."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    service.apply(service.config)
+    assert set(ServeSubmissionClient(service.dashboard_url).get_serve_details()["applications"]) == {service.app_name}
