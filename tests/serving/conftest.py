@@ -1,5 +1,6 @@
 """A real `redis-server` for the history-store tests (free loopback port, temp dir, fsynced AOF, no RDB snapshots),
-and a fresh store of each backend by URL."""
+a fresh store of each backend by URL, three small artifacts v1-v3 for the model-slot tests, and the scripted local
+gRPC server the client tests call."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.serving.artifacts import write_small_artifact
+from tests.serving.test_client import Scripted, serve
 from tests.support import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -126,3 +129,17 @@ def history_url(request, db_path):
     with server.client() as client:
         client.flushall()
     return server.url()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    return {version: str(write_small_artifact(root / version, version=version)) for version in ("v1", "v2", "v3")}
+
+
+@pytest.fixture
+def scripted():
+    servicer = Scripted()
+    server, target = serve(servicer)
+    yield servicer, target
+    server.stop(None)

@@ -14,7 +14,6 @@ from seqrank.serving.canary import canary_state, in_canary, promoted, rolled_bac
 from seqrank.serving.config import ModelUserConfig
 from seqrank.serving.ops.serve_config_check import is_model_deployment
 from seqrank.serving.reload import ModelSlot, VersionUnavailable
-from tests.serving.artifacts import write_small_artifact
 
 
 def oracle_in_canary(user_id: str, percent: float) -> bool:
@@ -46,12 +45,6 @@ def test_a_user_stays_on_one_version_and_raising_the_share_only_adds_users():
 @dataclass(frozen=True)
 class Model:
     model_version: str
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    return {version: str(write_small_artifact(root / version, version=version)) for version in ("v1", "v2", "v3")}
 
 
 def test_slot_serves_current_and_canary_and_keeps_the_version_it_drops(artifacts):

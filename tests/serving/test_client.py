@@ -63,14 +63,6 @@ def serve(servicer, credentials=None):
     return server, f"127.0.0.1:{port}"
 
 
-@pytest.fixture
-def scripted():
-    servicer = Scripted()
-    server, target = serve(servicer)
-    yield servicer, target
-    server.stop(None)
-
-
 @pytest.mark.parametrize("code", [C.UNAVAILABLE, C.RESOURCE_EXHAUSTED, C.DEADLINE_EXCEEDED])
 def test_rank_is_retried_on_transient_codes(scripted, code):
     servicer, target = scripted

@@ -33,14 +33,6 @@ class Slow(Scripted):
         super()._attempt(method, request, context)
 
 
-@pytest.fixture
-def scripted():
-    servicer = Scripted()
-    server, target = serve(servicer)
-    yield servicer, target
-    server.stop(None)
-
-
 def outcome(call) -> str:
     """The call's final status code name, as the test sees it."""
     try:

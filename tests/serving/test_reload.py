@@ -7,19 +7,12 @@ import pytest
 
 from seqrank.serving.errors import Unavailable
 from seqrank.serving.reload import ModelSlot, VersionUnavailable
-from tests.serving.artifacts import write_small_artifact
 
 
 @dataclass(frozen=True)
 class Model:
     model_version: str
     path: str
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    return {version: str(write_small_artifact(root / version, version=version)) for version in ("v1", "v2", "v3")}
 
 
 def make_slot(events):
