@@ -346,10 +346,11 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
                 warmup_requests: int = DEFAULT_WARMUP_REQUESTS, retry: RetryPolicy = RetryPolicy(),
                 canary_artifact: str | Path | None = None, canary_percent: float = 50.0, relay: bool = False) -> dict:
     """Starts local Ray + Serve on free ports with the seqrank app (from `serve_config`) and the echo app,
-    measures echo (with `relay`, then the relay echo) then Rank at each concurrency (retrying like the client), shuts
-    Ray down; returns a JSON-ready dict. With `canary_artifact`: Rank runs first with one version and attribution off, then (the config
-    applied in place, same cluster) as `rank+canary` with the canary serving `canary_percent` of the users and
-    attribution on; both Rank runs spread CANARY_USERS user ids, and each records the ingress replicas' memory."""
+    measures echo (with `relay`, then the relay echo) then Rank at each concurrency (retrying like the client),
+    shuts Ray down; returns a JSON-ready dict. With `canary_artifact`: Rank runs first with one version and
+    attribution off, then (the config applied in place, same cluster) as `rank+canary` with the canary serving
+    `canary_percent` of the users and attribution on; both Rank runs spread CANARY_USERS user ids, and each records
+    the ingress replicas' memory."""
     import copy
 
     import ray
@@ -375,15 +376,15 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
         config = localize(config, artifact_path=artifact)
         app_args = preflight(config)  # the seqrank app alone, strictly, before anything starts
         request = rank_request(Path(artifact))
-        floors = [("echo", ECHO_APP)] + ([("relay", RELAY_APP)] if relay else [])
-        floor_apps = [echo_application()] + ([relay_application()] if relay else [])
+        floors = {"echo": echo_application(), **({"relay": relay_application()} if relay else {})}  # label -> app
         both = copy.deepcopy(config)
-        both["applications"] += floor_apps
+        both["applications"] += floors.values()
         dashboard_url = start_local(config, app_args, num_cpus=CLUSTER_CPUS, log_to_driver=False)
         try:
-            logger.info("deploying %s and %s (dashboard %s)", app["name"], ECHO_APP, dashboard_url)
+            names = [deployed["name"] for deployed in both["applications"]]
+            logger.info("deploying %s (dashboard %s)", ", ".join(names), dashboard_url)
             submit(both, dashboard_url)
-            for name in [app["name"]] + [name for _, name in floors]:
+            for name in names:
                 wait_until_running(dashboard_url, name, DEPLOY_TIMEOUT_S)
             target = f"127.0.0.1:{grpc_port}"
             runs = []
@@ -400,8 +401,8 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
                              "retries": dict(Counter(retries)), "stage_ms": result.stage_ms})
 
             for concurrency in concurrencies:
-                for label, name in floors:
-                    measure(label, name, concurrency, None)
+                for label, floor in floors.items():
+                    measure(label, floor["name"], concurrency, None)
                 measure("rank", app["name"], concurrency, response_timings)
             if canary_artifact is not None:
                 memory_mb["rank"] = replica_rss_mb(dashboard_url, app["name"], INGRESS_DEPLOYMENT)
@@ -413,7 +414,7 @@ def bench_serve(serve_config: dict, artifact: str | Path | None, concurrencies: 
                 application(canary_config)["args"]["ingress"]["attribution"] = {}  # the defaults: on
                 preflight(canary_config)
                 both_canary = copy.deepcopy(canary_config)
-                both_canary["applications"] += floor_apps
+                both_canary["applications"] += floors.values()
                 submit(both_canary, dashboard_url)
                 wait_until_running(dashboard_url, app["name"], DEPLOY_TIMEOUT_S)
                 wait_for_canary(target, app["name"], request, users)
